@@ -1,0 +1,230 @@
+"""Load a DiffusionGemma checkpoint directory into `DiffusionGemma` (spec section b).
+
+Safetensors only: every shard header is validated by hand (size, JSON, dtypes, offsets inside the file, no gaps or
+overlaps) before the file is memory-mapped, and every tensor name/shape/dtype is checked against what `config.json`
+implies. Vision-tower tensors are skipped. Nothing in the directory is ever executed: no pickle, no `auto_map`, no
+`*.py`. All checkpoint-name surgery lives in `checkpoint_name` / `expected_tensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, GenerationSettings, ModelConfig, read_json
+from .model import DiffusionGemma
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+ITEM_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
+MAX_HEADER = 100 * 1024 * 1024
+SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+ENCODER_SCALAR = "encoder_layer_scalar"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded safely."""
+
+
+def checkpoint_name(param: str) -> str:
+    """Module name -> checkpoint key (the decoder stack holds all shared weights, spec b.2)."""
+    if param.endswith(ENCODER_SCALAR):
+        return "model.encoder.language_model." + param.replace(ENCODER_SCALAR, "layer_scalar")
+    return "model.decoder." + param
+
+
+def expected_tensors(model: DiffusionGemma) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """checkpoint key -> (module name, shape) for every persistent tensor the model needs."""
+    names = dict(model.named_parameters())
+    names.update((n, b) for n, b in model.named_buffers() if "inv_freq" not in n)
+    return {checkpoint_name(n): (n, tuple(t.shape)) for n, t in names.items()}
+
+
+def resolve_model_dir(model: str | os.PathLike, allow_download: bool = False) -> Path:
+    """A local directory; with `allow_download`, a hub repo id fetched with huggingface_hub (safetensors only)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"model path {path} is not a directory")
+    if allow_download and str(model).count("/") == 1 and not str(model).startswith((".", "/")):
+        from huggingface_hub import snapshot_download  # optional dependency, only on explicit request
+
+        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        return Path(snapshot_download(str(model), allow_patterns=patterns))
+    raise CheckpointError(f"model directory {path} does not exist")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a directory, each checked to lie inside it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in model_dir.glob("model-*.safetensors"))
+    if not files:
+        pickles = [p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickles:
+            raise CheckpointError(
+                f"{model_dir} holds only pickle-based weights ({', '.join(pickles[:3])}); these are never loaded "
+                "because unpickling can run code. Convert them to safetensors."
+            )
+        raise CheckpointError(f"{model_dir} has no model.safetensors or model-*.safetensors shards")
+    root = model_dir.resolve()
+    paths = []
+    for name in files:
+        p = (model_dir / str(name)).resolve()
+        if root not in p.parents:
+            raise CheckpointError(f"shard path {name!r} escapes the model directory")
+        if not p.is_file():
+            raise CheckpointError(f"shard {name} listed by the index is missing")
+        paths.append(p)
+    return paths
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """Parse and validate one safetensors header without trusting it (offsets, sizes, dtypes)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path.name}: file too small to be safetensors ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n + 8 > size:
+            raise CheckpointError(f"{path.name}: header length {n} is invalid for a {size}-byte file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name}: header is not valid UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = 1
+            for s in shape:
+                count *= int(s)
+            ok = dtype in ITEM_SIZES and 0 <= start <= end and end - start == count * ITEM_SIZES[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path.name}: tensor {name!r} has an invalid dtype/shape/offset entry")
+        spans.append((start, end))
+    spans.sort()
+    cursor = 0
+    for start, end in spans:
+        if start != cursor:
+            raise CheckpointError(f"{path.name}: tensor data overlaps or leaves gaps at byte {start}")
+        cursor = end
+    if 8 + n + cursor != size:
+        raise CheckpointError(f"{path.name}: expected {8 + n + cursor} bytes, found {size} (truncated or padded file)")
+    return header
+
+
+def check_tensors(expected: dict, found: dict[str, tuple[str, list, Path]], dtype_name: str | None) -> None:
+    """Raise with the first mismatches if names, shapes or dtypes differ from what the config implies."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(k for k in set(found) - set(expected) if not k.startswith(SKIPPED_PREFIXES) and k != "lm_head.weight")
+    wrong = []
+    for key in sorted(set(expected) & set(found)):
+        dtype, shape, _ = found[key]
+        if tuple(shape) != expected[key][1]:
+            wrong.append(f"{key}: shape {list(shape)} but config implies {list(expected[key][1])}")
+        elif dtype not in DTYPES or (dtype_name is not None and dtype != dtype_name):
+            wrong.append(f"{key}: dtype {dtype}, expected {dtype_name or 'a float type'}")
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", wrong)):
+        if items:
+            problems.append(f"{len(items)} {label}: {'; '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    if problems:
+        raise CheckpointError("checkpoint does not match config.json: " + " | ".join(problems))
+
+
+def load_model(
+    model_dir: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> DiffusionGemma:
+    """Build on the meta device, validate every tensor, then assign memory-mapped tensors (cast once if needed)."""
+    model_dir = resolve_model_dir(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json")
+    raw_config = read_json(config_path)
+    if raw_config.get("auto_map"):
+        log.warning("config.json has auto_map (remote code); it is ignored, dgemma never imports model-dir code")
+    config = ModelConfig.from_dict(raw_config)
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    expected = expected_tensors(model)
+    found: dict[str, tuple[str, list, Path]] = {}
+    for path in weight_files(model_dir):
+        for name, info in read_header(path).items():
+            if name in found:
+                raise CheckpointError(f"tensor {name!r} appears in two shards ({found[name][2].name}, {path.name})")
+            found[name] = (info["dtype"], info["shape"], path)
+    _check_index(model_dir, found)
+    declared = DTYPE_NAMES.get(raw_config.get("dtype") or raw_config.get("torch_dtype") or "")
+    check_tensors(expected, found, declared)
+    target = dtype or DTYPES[found[next(iter(expected))][0]]
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(found[key][2], []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in keys:
+                state[expected[key][0]] = f.get_tensor(key).to(device=device, dtype=target)
+    model.load_state_dict(state, strict=False, assign=True)
+    _materialise_rope(model, device)
+    _warn_non_finite(state)
+    return model.eval()
+
+
+def load_generation_settings(model_dir: str | os.PathLike) -> GenerationSettings:
+    return GenerationSettings.from_file(Path(model_dir) / "generation_config.json")
+
+
+def _check_index(model_dir: Path, found: dict) -> None:
+    index = model_dir / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    weight_map = read_json(index)["weight_map"]
+    for name, shard in weight_map.items():
+        if name not in found:
+            raise CheckpointError(f"index lists {name!r} in {shard} but no shard holds it")
+        if found[name][2].name != Path(shard).name:
+            raise CheckpointError(f"index puts {name!r} in {shard} but it is in {found[name][2].name}")
+
+
+def _materialise_rope(model: DiffusionGemma, device) -> None:
+    """Non-persistent RoPE buffers were built on meta; recompute them on the real device."""
+    from .model import rope_inv_freq
+
+    text = model.text
+    for i, g in enumerate(text.layers):
+        setattr(model, f"inv_freq_{i}", rope_inv_freq(g, text.rope_parameters[g.layer_type]).to(device))
+
+
+def _warn_non_finite(state: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        log.warning("checkpoint holds NaN/Inf values in %d tensors, e.g. %s", len(bad), bad[:3])
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "load_generation_settings", "resolve_model_dir"]

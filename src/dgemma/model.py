@@ -1,0 +1,351 @@
+"""The DiffusionGemma text transformer as pure tensor math (spec section c).
+
+One weight set, two modes: `encode` runs causally over new tokens and appends their keys/values to a `KVCache`
+(prompt prefill and commit of a finished canvas); `denoise` runs bidirectionally over a canvas against a cache it
+never writes and returns soft-capped fp32 logits. Module and parameter names mirror the checkpoint's
+`model.decoder.*` keys so loading is an identity map (the encoder's own `layer_scalar`s live beside the decoder's
+as `encoder_layer_scalar`). No file I/O, tokenizer, sampling or quantization here.
+
+Every fast path has a slow twin selected by a flag: `attention_impl` ("sdpa" | "eager") and `moe_impl`
+("grouped" | "loop").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import FULL, LayerGeometry, ModelConfig, TextConfig
+
+
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm in fp32, cast back to the input dtype; the weight multiplies directly (no `1 + w`, spec c.1)."""
+    x32 = x.float()
+    y = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.eps, self.weight)
+
+
+def rope_inv_freq(geometry: LayerGeometry, params: dict) -> torch.Tensor:
+    """Inverse frequencies of length head_dim/2 (spec c.1): default RoPE, or proportional with zero tail."""
+    d, base = geometry.head_dim, float(params.get("rope_theta", 10_000.0))
+    if params.get("rope_type", "default") == "proportional":
+        n_rot = int(params.get("partial_rotary_factor", 1.0) * d // 2)
+        rotated = 1.0 / base ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / d)
+        inv = torch.cat([rotated, torch.zeros(d // 2 - n_rot)])
+    else:
+        inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+    return inv / float(params.get("factor", 1.0))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [B, S, 1, D] for positions [B, S]; angles in fp32, cast to the activation dtype."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [B, S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, S, 1, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half (NeoX) RoPE on x [B, S, h, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend_eager(q, k, v, allowed):
+    """Reference attention: q [B,h,S,D], k/v [B,kv,T,D], allowed bool [B,1,S,T]; scale 1.0, fp32 softmax."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, h, T, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, h, S, T]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)  # [B, h, S, D]
+
+
+def attend_sdpa(q, k, v, allowed):
+    """Fused attention with the same semantics as `attend_eager`."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0, enable_gqa=k.shape[1] != q.shape[1])
+
+
+ATTENTION = {"sdpa": attend_sdpa, "eager": attend_eager}
+
+
+class Attention(nn.Module):
+    """Self-attention of one layer; full layers have no v_proj (V is the raw k projection, spec c.2)."""
+
+    def __init__(self, cfg: TextConfig, geometry: LayerGeometry):
+        super().__init__()
+        h, d, kv = cfg.num_attention_heads, geometry.head_dim, geometry.num_kv_heads
+        self.n_heads, self.n_kv, self.head_dim, self.eps = h, kv, d, cfg.rms_norm_eps
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False) if geometry.is_sliding else None
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def project(self, x: torch.Tensor, cos, sin):
+        """q [B,h,S,D], k and v [B,kv,S,D] (k normed + rotated, v weightlessly normed)."""
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.n_heads, self.head_dim))  # [B, S, h, D]
+        k_raw = self.k_proj(x).view(b, s, self.n_kv, self.head_dim)  # [B, S, kv, D]
+        v_raw = self.v_proj(x).view(b, s, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, h, S, D]
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, kv, S, D]
+        v = rms_norm(v_raw, self.eps).transpose(1, 2)  # [B, kv, S, D]
+        return q, k, v
+
+    def forward(self, x, cos, sin, allowed, past=None, impl: str = "sdpa"):
+        """Attend over `past` keys (if any) then this call's own keys; returns (output, new k, new v)."""
+        q, k, v = self.project(x, cos, sin)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = ATTENTION[impl](q, keys, values, allowed)  # [B, h, S, D]
+        b, _, s, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP (dense branch and self-conditioning)."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Softmax over all experts, top-k, renormalise, then per-expert scale (spec c.3)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.eps, self.top_k = cfg.rms_norm_eps, cfg.top_k_experts
+        self.root = cfg.hidden_size**-0.5
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor):
+        """x [N, H] -> weights [N, K] fp32, expert ids [N, K]."""
+        scores = self.proj(rms_norm(x, self.eps) * self.scale * self.root)  # [N, E]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """Routed experts stored as 3-D tensors: gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I]."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+
+    def forward(self, x, weights, idx, impl: str = "grouped"):
+        return self.grouped(x, weights, idx) if impl == "grouped" else self.loop(x, weights, idx)
+
+    def grouped(self, x, weights, idx):
+        """Sort the N*K assignments by expert once, run each hit expert on its tokens, scatter-add back."""
+        k = idx.shape[1]
+        flat = idx.reshape(-1)  # [N*K]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        tokens, w = order // k, weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                t = tokens[start : start + n]
+                out.index_add_(0, t, (self.expert(e, x[t]) * w[start : start + n, None]).to(out.dtype))
+                start += n
+        return out
+
+    def loop(self, x, weights, idx):
+        """Slow twin: every (token, slot) pair on its own."""
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for slot in range(idx.shape[1]):
+                y = self.expert(int(idx[t, slot]), x[t : t + 1]) * weights[t, slot]
+                out[t : t + 1] += y.to(out.dtype)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Attention + (dense MLP ∥ routed experts) with sandwich norms; residual scaled by a per-mode scalar (c.3)."""
+
+    def __init__(self, cfg: TextConfig, geometry: LayerGeometry):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.geometry = geometry
+        self.self_attn = Attention(cfg, geometry)
+        self.mlp = MLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in (
+            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+            "post_feedforward_layernorm", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2",
+        ):  # fmt: skip
+            setattr(self, name, RMSNorm(h, eps))
+        self.register_buffer("layer_scalar", torch.ones(1))  # decoder (denoise) mode
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder (prefill/commit) mode
+
+    def forward(self, x, cos, sin, allowed, past=None, decoder: bool = True, impl=("sdpa", "grouped")):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past, impl[0])
+        r1 = x + self.post_attention_layernorm(attn)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r1)))
+        flat = r1.reshape(-1, r1.shape[-1])  # [B*S, H]
+        weights, idx = self.router(flat)  # router sees the raw residual, not a pre-norm output
+        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx, impl[1])
+        routed = self.post_feedforward_layernorm_2(routed.view_as(r1))
+        out = r1 + self.post_feedforward_layernorm(dense + routed)
+        return out * (self.layer_scalar if decoder else self.encoder_layer_scalar), k, v
+
+
+class SelfConditioning(nn.Module):
+    """Maps the previous step's soft embedding to an additive input signal (spec c.5)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, soft: torch.Tensor) -> torch.Tensor:
+        u = self.pre_norm(soft)
+        return self.down_proj(F.gelu(self.gate_proj(u), approximate="tanh") * self.up_proj(u))
+
+
+class DiffusionGemma(nn.Module):
+    """Text stack of DiffusionGemmaForBlockDiffusion; the LM head is tied to `embed_tokens`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        cfg = config.text
+        self.config, self.text = config, cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, g) for g in cfg.layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        for i, g in enumerate(cfg.layers):
+            self.register_buffer(f"inv_freq_{i}", rope_inv_freq(g, cfg.rope_parameters[g.layer_type]), persistent=False)
+        self.attention_impl, self.moe_impl = "sdpa", "grouped"
+
+    # --- pieces -------------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] * sqrt(H), the scale rounded to the weight dtype as the reference does (53.0 in bf16)."""
+        scale = torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(self.dtype)
+        return self.embed_tokens(ids) * scale
+
+    def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
+        """softmax_fp32(logits) @ E * sqrt(H): the self-conditioning input [B, C, H] from logits [B, C, V]."""
+        w = self.embed_tokens.weight
+        probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
+        scale = torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(w.dtype)
+        return torch.matmul(probs, w) * scale  # [B, C, H]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head, fp32, soft-capped."""
+        out = F.linear(hidden, self.embed_tokens.weight).float()  # [B, S, V]
+        cap = self.text.final_logit_softcapping
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+    def rope(self, layer: int, positions: torch.Tensor, dtype: torch.dtype):
+        return rope_cos_sin(positions, getattr(self, f"inv_freq_{layer}"), dtype)
+
+    def new_cache(self, batch_size: int = 1, device=None) -> KVCache:
+        w = self.text.sliding_window - 1
+        shapes = [(g.num_kv_heads, g.head_dim) for g in self.text.layers]
+        windows = [None if g.layer_type == FULL else w for g in self.text.layers]
+        device = device or self.embed_tokens.weight.device
+        return KVCache.empty(shapes, windows, batch_size, device, self.dtype)
+
+    # --- modes --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over ids [B, S] appended to `cache` (spec c.4). Returns final-normed hidden [B, S, H]."""
+        if positions is None:
+            positions = cache.length[:, None] + torch.arange(ids.shape[1], device=ids.device)  # [B, S]
+        x = self.embed(ids)
+        impl = (self.attention_impl, self.moe_impl)
+        for i, layer in enumerate(self.layers):
+            kpos = torch.cat([cache.positions[i], positions], dim=1)  # [B, T+S]
+            allowed = _causal_allowed(positions, kpos, None if layer.geometry.layer_type == FULL else self.text.sliding_window)
+            cos, sin = self.rope(i, positions, x.dtype)
+            past = (cache.keys[i], cache.values[i])
+            x, k, v = layer(x, cos, sin, allowed, past, decoder=False, impl=impl)
+            cache.append(i, k, v, positions)
+        cache.length = positions[:, -1] + 1
+        return self.norm(x)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        canvas: torch.Tensor,
+        cache: KVCache,
+        soft: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Bidirectional pass over canvas [B, C] against `cache` (read-only). `soft`: the [B, C, H] self-conditioning
+        input from `soft_embedding` (None or zeros on the first step). Returns fp32 logits [B, C, V] (spec c.5)."""
+        if positions is None:
+            positions = cache.length[:, None] + torch.arange(canvas.shape[1], device=canvas.device)  # [B, C]
+        x = self.embed(canvas)
+        if soft is not None:
+            x = x + self.self_conditioning(soft)
+        x = rms_norm(x, self.text.rms_norm_eps)  # weightless input post-norm, always applied
+        impl = (self.attention_impl, self.moe_impl)
+        canvas_ok = torch.ones_like(positions, dtype=torch.bool)
+        for i, layer in enumerate(self.layers):
+            # every canvas query sees all cached keys of this layer (sliding: the last W-1) + the whole canvas
+            allowed = torch.cat([cache.positions[i] >= 0, canvas_ok], dim=1)[:, None, None, :]  # [B, 1, 1, T+C]
+            cos, sin = self.rope(i, positions, x.dtype)
+            x, _, _ = layer(x, cos, sin, allowed, (cache.keys[i], cache.values[i]), decoder=True, impl=impl)
+        return self.logits(self.norm(x))
+
+    def forward_masked(self, x: torch.Tensor, positions: torch.Tensor, allowed: list[torch.Tensor], decoder: bool):
+        """Training entry: run all layers on input embeddings x [B, S, H] with explicit per-layer masks
+        (bool [B, 1, S, S]) and no cache. Returns final-normed hidden [B, S, H]."""
+        impl = (self.attention_impl, self.moe_impl)
+        for i, layer in enumerate(self.layers):
+            cos, sin = self.rope(i, positions, x.dtype)
+            x, _, _ = layer(x, cos, sin, allowed[i], None, decoder=decoder, impl=impl)
+        return self.norm(x)
+
+
+def _causal_allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """bool [B, 1, S, T]: key j visible to query i iff valid, j <= i and (sliding) j > i - W."""
+    q, k = qpos[:, None, :, None], kpos[:, None, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    return allowed

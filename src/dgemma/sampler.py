@@ -1,0 +1,104 @@
+"""Entropy-bounded denoising of one canvas (spec section d.1), model-agnostic and text-free.
+
+`CanvasSampler` holds one request's canvas state and turns each step's logits [C, V] into the next canvas, the
+accepted mask and the stop decision. The schedule, acceptance and stop rules are small pure functions. Randomness
+follows dgemma's seeded protocol: canvas init and renoise draw `randint(0, V, (1, C))` from `noise_gen`; sampling
+draws `u = rand((C, V))` from `sample_gen` (Gumbel-max), per step sampling first, then renoise. Generators are
+per request, so results never depend on what else shares a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import GenerationSettings
+
+
+def temperature(remaining: int, total: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Linear schedule indexed by steps *remaining* (N at the first step, 1 at the last), float32 like the reference."""
+    frac = torch.tensor(remaining, dtype=torch.int32) / total
+    return t_min + (t_max - t_min) * frac
+
+
+def token_entropy(z: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(z) per position, [.., C, V] -> [.., C], computed as the reference Categorical does."""
+    logp = z - z.logsumexp(dim=-1, keepdim=True)
+    p = torch.softmax(logp, dim=-1)
+    return -(logp.clamp(min=torch.finfo(logp.dtype).min) * p).sum(-1)
+
+
+def entropy_bound_mask(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """Accept the k lowest-entropy positions whose strictly-lower entropies sum to <= bound (always >= 1)."""
+    sorted_h, order = torch.sort(entropy, dim=-1)
+    keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def gumbel_sample(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One categorical sample per row of z via Gumbel-max with uniforms u (same shape)."""
+    return torch.argmax(torch.log_softmax(z, dim=-1) - torch.log(-torch.log(u.clamp_min(1e-20))), dim=-1)
+
+
+def is_stable(history: list[torch.Tensor], argmax: torch.Tensor, threshold: int) -> bool:
+    """True when the last `threshold` argmax canvases all equal this one (history starts empty = never stable)."""
+    if threshold == 0:
+        return True
+    return len(history) >= threshold and all(torch.equal(h, argmax) for h in history[-threshold:])
+
+
+def make_generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
+    """(noise_gen, sample_gen) on the CPU: seeded S and S+1, or fresh entropy."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one denoising step did to a canvas."""
+
+    step: int  # 1-based step index within the canvas
+    canvas: torch.Tensor  # [C] next model input (accepted samples + fresh noise)
+    argmax: torch.Tensor  # [C] current answer candidate
+    accepted: torch.Tensor  # [C] bool
+    entropy: torch.Tensor  # [C] per-position entropy of the temperature-scaled distribution
+    done: bool  # stable and confident, or out of steps
+
+
+class CanvasSampler:
+    """State of one canvas being denoised: current input, self-conditioning logits and argmax history."""
+
+    def __init__(self, settings: GenerationSettings, canvas_length: int, vocab_size: int,
+                 noise_gen: torch.Generator, sample_gen: torch.Generator, device="cpu"):  # fmt: skip
+        self.settings, self.vocab, self.device = settings, vocab_size, torch.device(device)
+        self.noise_gen, self.sample_gen = noise_gen, sample_gen
+        self.canvas = self._noise(canvas_length)  # [C]
+        self.sc_logits: torch.Tensor | None = None  # [C, V] temperature-scaled logits of the previous step
+        self.history: list[torch.Tensor] = []
+        self.steps = 0
+        self.last: StepResult | None = None
+
+    def _noise(self, length: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (1, length), generator=self.noise_gen)[0].to(self.device)
+
+    def step(self, logits: torch.Tensor) -> StepResult:
+        """Consume this step's raw logits [C, V] (fp32, soft-capped) and advance the canvas."""
+        s = self.settings
+        remaining = s.steps - self.steps
+        self.steps += 1
+        z = logits / temperature(remaining, s.steps, s.t_min, s.t_max).to(logits.device)
+        u = torch.rand(z.shape, generator=self.sample_gen).to(z.device)  # sampling draw first
+        sampled = gumbel_sample(z, u)
+        argmax = torch.argmax(z, dim=-1)
+        entropy = token_entropy(z)
+        accepted = entropy_bound_mask(entropy, s.entropy_bound)
+        self.canvas = torch.where(accepted, sampled, self._noise(z.shape[0]))  # then the renoise draw
+        stable = is_stable(self.history, argmax, s.stability_threshold)
+        self.history = (self.history + [argmax])[-max(s.stability_threshold, 1) :]
+        confident = bool(entropy.mean() < s.confidence_threshold)
+        self.sc_logits = z
+        done = (stable and confident) or remaining == 1
+        self.last = StepResult(self.steps, self.canvas, argmax, accepted, entropy, done)
+        return self.last

@@ -1,0 +1,122 @@
+"""Tokenizer and chat template of a checkpoint directory (spec section e).
+
+`tokenizer.json` through the `tokenizers` library; the chat template from `chat_template.jinja` or
+`tokenizer_config.json`, rendered in jinja2's immutable sandbox. Message *contents* are tokenized with special-token
+parsing switched off, so a user typing `<turn|>` gets plain text, never a control id. Nothing here runs code from
+the checkpoint; nothing here touches torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import ConfigError, read_json
+
+MAX_TEMPLATE_CHARS = 200_000
+ROLES = ("system", "user", "assistant", "model")
+
+
+class Tokenizer:
+    """Encode/decode plus chat rendering; thread-safe."""
+
+    def __init__(self, tok: HFTokenizer, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None):  # fmt: skip
+        self.tok, self.chat_template = tok, chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = tok.token_to_id(bos_token) if bos_token else None
+        self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self._lock = threading.Lock()
+        self._template = None
+        if chat_template is not None:
+            if len(chat_template) > MAX_TEMPLATE_CHARS:
+                raise ConfigError(f"chat template is larger than {MAX_TEMPLATE_CHARS} characters")
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            self._template = env.from_string(chat_template)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer | None:
+        """The directory's tokenizer, or None when it has no tokenizer.json (id-level use only)."""
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").is_file():
+            return None
+        try:
+            tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+            raise ConfigError(f"tokenizer.json cannot be read: {e}") from None
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+        template = _read_template(model_dir, cfg)
+        return cls(tok, template, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        with self._lock:
+            self.tok.encode_special_tokens = not parse_special
+            try:
+                ids = self.tok.encode(text, add_special_tokens=False).ids
+            finally:
+                self.tok.encode_special_tokens = False
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render messages with the checkpoint's own template; contents are encoded as plain text."""
+        if self._template is None:
+            raise ConfigError("this checkpoint has no chat template; use a plain prompt")
+        _check_messages(messages)
+        markers = [f"\x00msg{i}\x00" for i in range(len(messages))]
+        masked = [{**m, "content": mark} for m, mark in zip(messages, markers)]
+        try:
+            rendered = self._template.render(
+                messages=masked, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            )  # fmt: skip
+        except TemplateError as e:
+            raise ConfigError(f"chat template failed: {e}") from None
+        ids: list[int] = []
+        for i, mark in enumerate(markers):
+            head, sep, rendered = rendered.partition(mark)
+            ids += self.encode(head)
+            if sep:
+                ids += self.encode(messages[i]["content"], parse_special=False)
+        return ids + self.encode(rendered)
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError("messages must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ConfigError(f"each message needs a role in {ROLES} and string content")
+
+
+def _read_template(model_dir: Path, cfg: dict) -> str | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialisation
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise(message: str):
+    raise TemplateError(message)

@@ -1,0 +1,238 @@
+"""Loader: sharded checkpoints, and every kind of broken or hostile directory gives a clear error (spec b)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import random_model, tiny_config
+
+from dgemma.config import ConfigError
+from dgemma.export import save_model
+from dgemma.generate import Pipeline
+from dgemma.loader import CheckpointError, load_model
+
+WEIGHTS = "model.safetensors"
+EMBED = "model.decoder.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A valid dgemma-exported checkpoint (float32, no tokenizer)."""
+    return save_model(random_model(tiny_config(), seed=5), tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture
+def ckpt(good, tmp_path):
+    """A private copy of `good` to break."""
+    return shutil.copytree(good, tmp_path / "ckpt")
+
+
+def logits(model) -> torch.Tensor:
+    cache = model.new_cache()
+    model.encode(torch.arange(3, 20)[None], cache)
+    return model.denoise(torch.arange(40, 40 + model.config.canvas_length)[None], cache)
+
+
+def rewrite(path, change) -> None:
+    """Apply `change(tensors)` to a safetensors file and write it back."""
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# --- sharded ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharded(ref_main, tmp_path_factory):
+    """The reference model saved in several shards with an index (real HF layout, vision tensors included)."""
+    path = tmp_path_factory.mktemp("sharded")
+    ref_main.model.save_pretrained(path, max_shard_size="20KB")
+    return path
+
+
+def test_sharded_checkpoint_gives_identical_logits(sharded, ref_main):
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    torch.testing.assert_close(logits(load_model(sharded)), logits(ref_main.pipe.model), atol=0, rtol=0)
+
+
+def test_index_entry_escaping_the_directory(sharded, tmp_path):
+    ckpt = shutil.copytree(sharded, tmp_path / "ckpt")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"][EMBED] = "../x.safetensors"
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="escapes the model directory"):
+        load_model(ckpt)
+
+
+def test_index_lists_tensor_no_shard_holds(sharded, tmp_path):
+    ckpt = shutil.copytree(sharded, tmp_path / "ckpt")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.decoder.ghost.weight"] = next(iter(index["weight_map"].values()))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="ghost.*no shard holds it"):
+        load_model(ckpt)
+
+
+def test_index_names_missing_shard(sharded, tmp_path):
+    ckpt = shutil.copytree(sharded, tmp_path / "ckpt")
+    victim = min(ckpt.glob("model-*.safetensors"))
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"{victim.name} listed by the index is missing"):
+        load_model(ckpt)
+
+
+# --- corrupt safetensors ---------------------------------------------------------------------------------------------
+def test_truncated_file(ckpt):
+    data = (ckpt / WEIGHTS).read_bytes()
+    (ckpt / WEIGHTS).write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(ckpt)
+
+
+def test_tiny_file(ckpt):
+    (ckpt / WEIGHTS).write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="too small"):
+        load_model(ckpt)
+
+
+def test_absurd_header_length(ckpt):
+    data = (ckpt / WEIGHTS).read_bytes()
+    (ckpt / WEIGHTS).write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
+    with pytest.raises(CheckpointError, match="header length"):
+        load_model(ckpt)
+
+
+def test_non_json_header(ckpt):
+    data = (ckpt / WEIGHTS).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    (ckpt / WEIGHTS).write_bytes(data[:8] + b"\xff" * n + data[8 + n :])
+    with pytest.raises(CheckpointError, match="not valid UTF-8 JSON"):
+        load_model(ckpt)
+
+
+def test_header_offsets_out_of_bounds(ckpt):
+    data = (ckpt / WEIGHTS).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header[EMBED]["data_offsets"][1] += 4  # claims more bytes than its shape needs
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n
+    (ckpt / WEIGHTS).write_bytes(data[:8] + raw.ljust(n) + data[8 + n :])
+    with pytest.raises(CheckpointError, match="invalid dtype/shape/offset"):
+        load_model(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    rewrite(ckpt / WEIGHTS, lambda t: t.pop("model.decoder.layers.1.experts.down_proj"))
+    with pytest.raises(CheckpointError, match="1 missing: model.decoder.layers.1.experts.down_proj"):
+        load_model(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    rewrite(ckpt / WEIGHTS, lambda t: t.update({"model.decoder.layers.0.extra.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match="1 unexpected: model.decoder.layers.0.extra.weight"):
+        load_model(ckpt)
+
+
+def test_vision_and_lm_head_tensors_are_skipped(ckpt, good):
+    extra = {"model.encoder.vision_tower.patch.weight": torch.zeros(2, 2), "lm_head.weight": torch.zeros(1)}
+    rewrite(ckpt / WEIGHTS, lambda t: t.update(extra))
+    torch.testing.assert_close(logits(load_model(ckpt)), logits(load_model(good)), atol=0, rtol=0)
+
+
+def test_wrong_shape(ckpt):
+    rewrite(ckpt / WEIGHTS, lambda t: t.update({EMBED: torch.zeros(128, 32)}))
+    with pytest.raises(CheckpointError, match=r"embed_tokens.weight: shape \[128, 32\] but config implies \[128, 64\]"):
+        load_model(ckpt)
+
+
+def test_wrong_dtype_vs_config(ckpt):
+    rewrite(ckpt / WEIGHTS, lambda t: t.update({EMBED: t[EMBED].half()}))
+    with pytest.raises(CheckpointError, match="embed_tokens.weight: dtype F16, expected F32"):
+        load_model(ckpt)
+
+
+def test_pickle_only_directory_is_refused_and_never_unpickled(ckpt, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (ckpt / WEIGHTS).unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="pickle-based weights.*pytorch_model.bin"):
+        load_model(ckpt)
+    assert not marker.exists()
+
+
+def test_no_weights_at_all(ckpt):
+    (ckpt / WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(ckpt)
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+def edit_config(ckpt, change) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    change(cfg)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_invalid_json(ckpt):
+    (ckpt / "config.json").write_text('{"text_config": {')
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        load_model(ckpt)
+
+
+def test_config_negative_layers(ckpt):
+    edit_config(ckpt, lambda c: c["text_config"].update(num_hidden_layers=-2))
+    with pytest.raises(ConfigError, match="num_hidden_layers must be a positive integer, got -2"):
+        load_model(ckpt)
+
+
+def test_config_missing_text_config(ckpt):
+    edit_config(ckpt, lambda c: c.pop("text_config"))
+    with pytest.raises(ConfigError, match="no 'text_config'"):
+        load_model(ckpt)
+
+
+def test_config_disagrees_with_weights(ckpt):
+    edit_config(ckpt, lambda c: c["text_config"].update(hidden_size=32))
+    with pytest.raises(CheckpointError, match="does not match config.json"):
+        load_model(ckpt)
+
+
+def test_missing_config_and_missing_directory(ckpt, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(ckpt)
+
+
+def test_auto_map_is_ignored(ckpt, good, caplog):
+    marker = ckpt / "imported"
+    (ckpt / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    edit_config(ckpt, lambda c: c.update(auto_map={"AutoModel": "modeling_evil.Evil"}))
+    with caplog.at_level(logging.WARNING, logger="dgemma.loader"):
+        model = load_model(ckpt)
+    assert "auto_map" in caplog.text and not marker.exists()
+    torch.testing.assert_close(logits(model), logits(load_model(good)), atol=0, rtol=0)
+
+
+# --- tokenizer-less checkpoints --------------------------------------------------------------------------------------
+def test_checkpoint_without_tokenizer_is_id_level(good):
+    pipe = Pipeline.load(good, device="cpu")
+    assert pipe.tokenizer is None
+    result = pipe.generate(prompt_ids=[5, 6, 7], seed=1, max_new_tokens=8, steps=3)
+    assert len(result.token_ids) == 8 and result.text == ""
+    with pytest.raises(ConfigError, match="no tokenizer.json; pass prompt token ids"):
+        pipe.generate("hello", seed=1, max_new_tokens=8, steps=3)

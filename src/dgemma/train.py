@@ -1,0 +1,373 @@
+"""Train a small DiffusionGemma-architecture model on a text corpus (the bundled model is made with this).
+
+Objective, matching how the sampler uses the model (spec d.1): the clean sequence runs in causal encoder mode, each
+canvas-sized block is corrupted by uniform-noise replacement at its own random level (no mask token), and the
+decoder predicts the clean token at every canvas position. All blocks train in one forward pass with a block
+attention mask (BD3-LM, Arriola et al. 2025): a clean causal stream followed by the noised blocks, each of which sees
+the clean prefix before it (sliding layers: only its last W-1 tokens, as at inference) and its own block.
+Self-conditioning is trained on half of the steps by feeding the detached, temperature-scaled output of a first pass.
+
+Not here: sampling, evaluation of generated text (scripts/eval_bundled.py), or anything the loader does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .bpe import BOS_ID, EOS_ID, PAD_ID, load_corpus_lines, train_bpe
+from .config import GenerationSettings, ModelConfig
+from .model import DiffusionGemma, rms_norm
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    corpus: str = "data/web"  # folder with train.txt(.gz) and val.txt(.gz), one document per line
+    out: str = "runs/web"
+    vocab_size: int = 8192
+    hidden_size: int = 192
+    intermediate_size: int = 384
+    moe_intermediate_size: int = 128
+    num_experts: int = 4
+    top_k_experts: int = 2
+    num_layers: int = 6
+    num_heads: int = 4
+    head_dim: int = 48
+    kv_heads: int = 2
+    global_head_dim: int = 64
+    global_kv_heads: int = 1
+    sliding_window: int = 128
+    canvas_length: int = 32
+    seq_len: int = 256  # clean tokens per sequence (a multiple of canvas_length)
+    batch_size: int = 16
+    steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    high_noise_frac: float = 0.5  # share of blocks with noise in [0.8, 1], the regime the sampler lives in
+    sc_prob: float = 0.5
+    eval_every: int = 200
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    seed: int = 0
+    threads: int = 0  # 0 = torch default
+    bf16: bool = False  # bf16 autocast: 1.6x faster on CPUs with AVX512-BF16/AMX, ~5x slower without (AVX2 only)
+    time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
+
+
+def model_config(tc: TrainConfig) -> ModelConfig:
+    """A DiffusionGemma config with sliding and full layers (full every third layer, last forced full)."""
+    layer_types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(tc.num_layers)]
+    text = dict(
+        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+        moe_intermediate_size=tc.moe_intermediate_size, num_experts=tc.num_experts, top_k_experts=tc.top_k_experts,
+        num_hidden_layers=tc.num_layers, num_attention_heads=tc.num_heads, num_key_value_heads=tc.kv_heads,
+        head_dim=tc.head_dim, global_head_dim=tc.global_head_dim, num_global_key_value_heads=tc.global_kv_heads,
+        layer_types=layer_types, sliding_window=tc.sliding_window, max_position_embeddings=4096,
+        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
+    )  # fmt: skip
+    return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": tc.canvas_length,
+                                  "text_config": text, "eos_token_id": [EOS_ID]})  # fmt: skip
+
+
+def init_weights(model: DiffusionGemma, seed: int) -> None:
+    """Normal(0, 0.02) projections and embedding, residual outputs scaled down by depth; norms stay at 1."""
+    g = torch.Generator().manual_seed(seed)
+    depth_scale = 1 / math.sqrt(2 * len(model.layers))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 * (depth_scale if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else 1)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def block_masks(n_layers_types: list[str], seq_len: int, canvas: int, window: int) -> dict[str, torch.Tensor]:
+    """Allowed-attention masks [1, 1, 2L, 2L] for [clean stream ; noised blocks], per layer type."""
+    i = torch.arange(seq_len)
+    q, k = i[:, None], i[None, :]
+    bq, bk = q // canvas, k // canvas
+    out = {}
+    for layer_type in set(n_layers_types):
+        sliding = layer_type == "sliding_attention"
+        clean_clean = (k <= q) & ((k > q - window) if sliding else True)
+        prefix_end = bq * canvas  # noised block b sees clean tokens [.., b*C)
+        noisy_clean = (k < prefix_end) & ((k >= prefix_end - (window - 1)) if sliding else True)
+        noisy_noisy = bk == bq
+        top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], dim=1)
+        bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
+        out[layer_type] = torch.cat([top, bottom], dim=0)[None, None]  # [1, 1, 2L, 2L]
+    return out
+
+
+def corrupt(x: torch.Tensor, canvas: int, vocab: int, high_frac: float, g: torch.Generator) -> torch.Tensor:
+    """Uniform-noise replacement with one noise level per block (a share of blocks at high noise)."""
+    b, n = x.shape
+    levels = torch.rand(b, n // canvas, generator=g)
+    high = torch.rand(b, n // canvas, generator=g) < high_frac
+    levels = torch.where(high, 0.8 + 0.2 * levels, levels).repeat_interleave(canvas, dim=1)  # [B, L]
+    replace = torch.rand(b, n, generator=g) < levels
+    return torch.where(replace, torch.randint(0, vocab, (b, n), generator=g), x)
+
+
+class Trainer:
+    """Owns model, optimizer, data and the loop; checkpoints to `out/train_state.pt` and resumes from it."""
+
+    def __init__(self, tc: TrainConfig):
+        self.tc, self.out = tc, Path(tc.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.tokenizer = self._tokenizer()
+        self.train_ids = self._tokens("train")
+        self.val_ids = self._tokens("val")
+        self.config = model_config(tc)
+        self.model = DiffusionGemma(self.config)
+        init_weights(self.model, tc.seed)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tc.lr, betas=(0.9, 0.95),
+        )  # fmt: skip
+        self.masks = block_masks(self.config.text.layer_types, tc.seq_len, tc.canvas_length, tc.sliding_window)
+        self.positions = torch.arange(tc.seq_len).repeat(2)[None]  # noised tokens sit at their clean positions
+        self.step, self.history, self.tokens_seen, self.elapsed = 0, {"train": [], "val": []}, 0, 0.0
+        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.rng = random.Random(tc.seed)
+        self._resume()
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def _corpus_file(self, split: str) -> Path:
+        base = Path(self.tc.corpus)
+        for name in (f"{split}.txt", f"{split}.txt.gz"):
+            if (base / name).is_file():
+                return base / name
+        raise FileNotFoundError(f"{base} has no {split}.txt or {split}.txt.gz")
+
+    def _tokenizer(self):
+        from tokenizers import Tokenizer
+
+        path = self.out / "tokenizer.json"
+        if path.is_file():
+            return Tokenizer.from_file(str(path))
+        tok = train_bpe(load_corpus_lines(self._corpus_file("train")), self.tc.vocab_size)
+        tok.save(str(path))
+        return tok
+
+    def _tokens(self, split: str) -> torch.Tensor:
+        """Documents as [BOS] text [EOS], concatenated into one stream."""
+        ids: list[int] = []
+        for enc in self.tokenizer.encode_batch(load_corpus_lines(self._corpus_file(split)), add_special_tokens=False):
+            ids += [BOS_ID, *enc.ids, EOS_ID]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def batch(self, ids: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        n = self.tc.seq_len
+        starts = [rng.randrange(0, len(ids) - n) for _ in range(self.tc.batch_size)]
+        return torch.stack([ids[s : s + n] for s in starts])  # [B, L]
+
+    # --- model --------------------------------------------------------------------------------------------------
+    def denoise_logits(self, clean, noisy, soft=None) -> torch.Tensor:
+        """Decoder logits [B, L, V] for every noised position, given the clean stream as prefix."""
+        m = self.model
+        x_noisy = m.embed(noisy)
+        if soft is not None:
+            x_noisy = x_noisy + m.self_conditioning(soft)
+        x = torch.cat([m.embed(clean), rms_norm(x_noisy, m.text.rms_norm_eps)], dim=1)  # [B, 2L, H]
+        allowed = [self.masks[t] for t in m.text.layer_types]
+        h = m.forward_masked(x, self.positions, allowed, decoder=True)
+        return m.logits(h[:, self.tc.seq_len :])
+
+    def loss(self, clean: torch.Tensor, gen: torch.Generator, self_condition: bool) -> torch.Tensor:
+        noisy = corrupt(clean, self.tc.canvas_length, self.tc.vocab_size, self.tc.high_noise_frac, gen)
+        soft = None
+        if self_condition:
+            with torch.no_grad():
+                t = 0.4 + 0.4 * torch.rand(1, generator=gen).item()  # the sampler feeds logits / T, T in [0.4, 0.8]
+                soft = self.model.soft_embedding(self.denoise_logits(clean, noisy) / t).detach()
+        logits = self.denoise_logits(clean, noisy, soft)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
+
+    def progress(self) -> float:
+        """Fraction of the budget used: steps, or wall time when a time limit is set (whichever is further)."""
+        frac = self.step / self.tc.steps
+        if self.tc.time_limit_min:
+            frac = max(frac, self.elapsed / (self.tc.time_limit_min * 60))
+        return min(frac, 1.0)
+
+    def lr_at(self, step: int) -> float:
+        tc = self.tc
+        if step < tc.warmup:
+            return tc.lr * (step + 1) / tc.warmup
+        frac = self.progress()
+        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    # --- loop ---------------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        tc = self.tc
+        self.model.train()
+        window_t, window_tokens = time.time(), 0
+        while self.step < tc.steps:
+            t_step = time.time()
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            clean = self.batch(self.train_ids, self.rng)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+                loss = self.loss(clean, self.gen, self.rng.random() < tc.sc_prob)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.step += 1
+            self.tokens_seen += clean.numel()
+            window_tokens += clean.numel()
+            self.elapsed += time.time() - t_step
+            self.history["train"].append((self.step, loss.item()))
+            if self.step % 10 == 0:
+                rate = window_tokens / (time.time() - window_t)
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", self.step, tc.steps, loss.item(),
+                         self.lr_at(self.step), rate)  # fmt: skip
+                window_t, window_tokens = time.time(), 0
+            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                self.history["val"].append((self.step, self.evaluate()))
+            out_of_time = bool(tc.time_limit_min) and self.progress() >= 1.0
+            if self.step % tc.ckpt_every == 0 or self.step == tc.steps or out_of_time:
+                self.save()
+            if out_of_time:
+                log.info("time limit reached at step %d", self.step)
+                break
+        self.save()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out denoising loss at fixed noise levels (no self-conditioning), plus the unigram baseline."""
+        self.model.eval()
+        rng, gen = random.Random(1234), torch.Generator().manual_seed(1234)
+        out = {}
+        for level in (0.25, 0.5, 0.75, 1.0):
+            losses = []
+            for _ in range(self.tc.eval_batches):
+                clean = self.batch(self.val_ids, rng)
+                replace = torch.rand(clean.shape, generator=gen) < level
+                noisy = torch.where(replace, torch.randint(0, self.tc.vocab_size, clean.shape, generator=gen), clean)
+                logits = self.denoise_logits(clean, noisy)
+                losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1)).item())
+            out[f"noise_{level}"] = sum(losses) / len(losses)
+        out["unigram"] = unigram_loss(self.train_ids, self.val_ids, self.tc.vocab_size)
+        log.info("eval step %d: %s", self.step, json.dumps({k: round(v, 4) for k, v in out.items()}))
+        self.model.train()
+        return out
+
+    # --- persistence --------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Training state (resumable, tensors only) + an exported checkpoint + the loss curve."""
+        state = {
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+            "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "history": json.dumps(self.history),
+            "gen": self.gen.get_state(), "rng": json.dumps(self.rng.getstate()),
+            "config": json.dumps(dataclasses.asdict(self.tc)),
+        }  # fmt: skip
+        tmp = self.out / "train_state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.out / "train_state.pt")
+        self.export(self.out / "model")
+        plot_losses(self.history, self.out / "loss.png")
+
+    def export(self, path: Path) -> None:
+        from .export import save_model
+
+        settings = GenerationSettings(eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID, max_new_tokens=128)
+        self.model.eval()
+        save_model(self.model, path, settings=settings, tokenizer=self.tokenizer, dtype=torch.float32)
+        self.model.train()
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": round(self.elapsed), "train_config": dataclasses.asdict(self.tc),
+                "val": self.history["val"][-1][1] if self.history["val"] else None}  # fmt: skip
+        (path / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _resume(self) -> None:
+        path = self.out / "train_state.pt"
+        if not path.is_file():
+            return
+        state = torch.load(path, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.history = json.loads(state["history"])
+        self.gen.set_state(state["gen"])
+        rng_state = json.loads(state["rng"])
+        self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def unigram_loss(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int) -> float:
+    """Cross-entropy of the val tokens under the (add-one smoothed) train unigram distribution."""
+    counts = torch.bincount(train_ids, minlength=vocab).double() + 1
+    logp = torch.log(counts / counts.sum())
+    return float(-logp[val_ids].mean())
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional (train extra)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        k = max(1, len(losses) // 100)
+        smooth = [sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, label="train (smoothed, mixed noise)")
+    for key in ("noise_0.25", "noise_0.5", "noise_0.75"):
+        pts = [(s, v[key]) for s, v in history["val"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"val {key}")
+    if history["val"]:
+        ax.axhline(history["val"][-1][1]["unigram"], color="gray", linestyle="--", label="unigram baseline")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a small DiffusionGemma-architecture model on a text corpus")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse_bool(), default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=kind, default=f.default)
+    p.set_defaults(handler=run_train)
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def run_train(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if tc.seq_len % tc.canvas_length:
+        raise ValueError(f"--seq-len {tc.seq_len} must be a multiple of --canvas-length {tc.canvas_length}")
+    Trainer(tc).train()
+    return 0

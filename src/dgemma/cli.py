@@ -145,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
     events = pipe.stream_generate(args.prompt, prompt_ids=args.prompt_ids, chat=args.chat, seed=seed, **knobs)
-    view = CanvasView(pipe.tokenizer) if args.show_canvas else None
+    view = CanvasView(pipe.tokenizer, args.prompt or "") if args.show_canvas else None
     stream_text = not (args.json or view)
     with view or contextlib.nullcontext():
         for event in events:
@@ -188,11 +188,11 @@ class CanvasView:
     """Live terminal view of the settling canvas (rich.live on stderr): committed text, then the draft canvas with
     each token shaded by its entropy (bright = settled) and accepted positions underlined."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, prompt: str = ""):
         from rich.console import Console
         from rich.live import Live
 
-        self.tokenizer = tokenizer
+        self.tokenizer, self.prompt = tokenizer, printable(prompt)
         self.committed: list[int] = []
         self.console = Console(stderr=True)
         self.live = Live(console=self.console, transient=True, auto_refresh=False)
@@ -205,7 +205,7 @@ class CanvasView:
         return self.live.__exit__(*exc)
 
     def piece(self, token: int) -> str:
-        return self.tokenizer.decode([token]) if self.tokenizer else f"{token} "
+        return printable(self.tokenizer.decode([token])) if self.tokenizer else f"{token} "
 
     def update(self, event) -> None:
         from rich.text import Text
@@ -221,11 +221,17 @@ class CanvasView:
             style="bold cyan",
         )
         committed = self.tokenizer.decode(self.committed) if self.tokenizer else " ".join(map(str, self.committed))
-        text.append(committed[-2000:])
+        text.append(self.prompt[-1000:], style="dim")
+        text.append(printable(committed)[-2000:])
         for token, h, accepted in zip(event.draft, event.entropy, event.accepted):
             shade = "bright_white" if h < 0.1 else "white" if h < 0.5 else "yellow" if h < 1.5 else "red"
             text.append(self.piece(token), style=f"{shade}{' underline' if accepted else ''}")
         self.live.update(text, refresh=True)
+
+
+def printable(text: str) -> str:
+    """Control characters from random or partial tokens would move the cursor; show them as a middle dot."""
+    return "".join(ch if ch.isprintable() or ch == "\n" else "·" for ch in text)
 
 
 # --- entry point -----------------------------------------------------------------------------------------------------
@@ -233,7 +239,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="dgemma", description="DiffusionGemma text-diffusion inference.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    add_generate_parser(sub)
+    add_generate_parser(sub)  # one line per subcommand; each sets its handler with set_defaults(handler=...)
     return parser
 
 

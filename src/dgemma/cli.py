@@ -240,6 +240,12 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     add_generate_parser(sub)  # one line per subcommand; each sets its handler with set_defaults(handler=...)
+    from .serve import add_serve_parser  # a light module: the server and torch load only when `serve` runs
+
+    add_serve_parser(sub)
+    from .train_config import add_train_parser  # light: torch loads only when `train` runs
+
+    add_train_parser(sub)
     return parser
 
 

@@ -27,57 +27,22 @@ import torch.nn.functional as F
 from .bpe import BOS_ID, EOS_ID, PAD_ID, load_corpus_lines, train_bpe
 from .config import GenerationSettings, ModelConfig
 from .model import DiffusionGemma, rms_norm
+from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    corpus: str = "data/web"  # folder with train.txt(.gz) and val.txt(.gz), one document per line
-    out: str = "runs/web"
-    vocab_size: int = 8192
-    hidden_size: int = 192
-    intermediate_size: int = 384
-    moe_intermediate_size: int = 128
-    num_experts: int = 4
-    top_k_experts: int = 2
-    num_layers: int = 6
-    num_heads: int = 4
-    head_dim: int = 48
-    kv_heads: int = 2
-    global_head_dim: int = 64
-    global_kv_heads: int = 1
-    sliding_window: int = 128
-    canvas_length: int = 32
-    seq_len: int = 256  # clean tokens per sequence (a multiple of canvas_length)
-    batch_size: int = 16
-    steps: int = 2000
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    high_noise_frac: float = 0.5  # share of blocks with noise in [0.8, 1], the regime the sampler lives in
-    sc_prob: float = 0.5
-    eval_every: int = 200
-    eval_batches: int = 4
-    ckpt_every: int = 100
-    seed: int = 0
-    threads: int = 0  # 0 = torch default
-    bf16: bool = False  # bf16 autocast: 1.6x faster on CPUs with AVX512-BF16/AMX, ~5x slower without (AVX2 only)
-    time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
 
 
 def model_config(tc: TrainConfig) -> ModelConfig:
     """A DiffusionGemma config with sliding and full layers (full every third layer, last forced full)."""
     layer_types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(tc.num_layers)]
-    text = dict(
-        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
-        moe_intermediate_size=tc.moe_intermediate_size, num_experts=tc.num_experts, top_k_experts=tc.top_k_experts,
-        num_hidden_layers=tc.num_layers, num_attention_heads=tc.num_heads, num_key_value_heads=tc.kv_heads,
-        head_dim=tc.head_dim, global_head_dim=tc.global_head_dim, num_global_key_value_heads=tc.global_kv_heads,
-        layer_types=layer_types, sliding_window=tc.sliding_window, max_position_embeddings=4096,
-        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
-    )  # fmt: skip
+    text = {
+        "vocab_size": tc.vocab_size, "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
+        "moe_intermediate_size": tc.moe_intermediate_size, "num_experts": tc.num_experts, "top_k_experts": tc.top_k_experts,
+        "num_hidden_layers": tc.num_layers, "num_attention_heads": tc.num_heads, "num_key_value_heads": tc.kv_heads,
+        "head_dim": tc.head_dim, "global_head_dim": tc.global_head_dim, "num_global_key_value_heads": tc.global_kv_heads,
+        "layer_types": layer_types, "sliding_window": tc.sliding_window, "max_position_embeddings": 4096,
+        "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID,
+    }  # fmt: skip
     return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": tc.canvas_length,
                                   "text_config": text, "eos_token_id": [EOS_ID]})  # fmt: skip
 
@@ -344,24 +309,6 @@ def plot_losses(history: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a small DiffusionGemma-architecture model on a text corpus")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse_bool(), default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=kind, default=f.default)
-    p.set_defaults(handler=run_train)
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def run_train(args) -> int:

@@ -7,7 +7,8 @@ never writes and returns soft-capped fp32 logits. Module and parameter names mir
 as `encoder_layer_scalar`). No file I/O, tokenizer, sampling or quantization here.
 
 Every fast path has a slow twin selected by a flag: `attention_impl` ("sdpa" | "eager") and `moe_impl`
-("grouped" | "loop").
+("grouped" | "loop"). `batch_invariant` makes a batch of stacked requests compute each row exactly as it would alone
+(the serving engine needs seeded outputs independent of batch composition; see `attend_rowwise`, `Experts.grouped`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def attend_sdpa(q, k, v, allowed):
 
 
 ATTENTION = {"sdpa": attend_sdpa, "eager": attend_eager}
+SMALL_GEMM_ROWS = 16  # BLAS (MKL sgemm) takes another code path, with other rounding, below ~12 rows
+
+
+def attend_rowwise(q, k, v, allowed, impl: str = "sdpa"):
+    """Batch-invariant attention: each row attends over only its own valid keys, exactly as it would alone.
+    Left padding shifts where a row's keys fall in the kernel's blocks and changes the low bits."""
+    out = []
+    for b in range(q.shape[0]):
+        keep = allowed[b].reshape(-1, allowed.shape[-1]).any(0).nonzero()[:, 0]  # valid key columns of row b
+        kb, vb = k[b : b + 1].index_select(2, keep), v[b : b + 1].index_select(2, keep)  # [1, kv, T_b, D]
+        out.append(ATTENTION[impl](q[b : b + 1], kb, vb, allowed[b : b + 1].index_select(3, keep)))
+    return torch.cat(out)  # [B, h, S, D]
 
 
 class Attention(nn.Module):
@@ -110,11 +123,14 @@ class Attention(nn.Module):
         v = rms_norm(v_raw, self.eps).transpose(1, 2)  # [B, kv, S, D]
         return q, k, v
 
-    def forward(self, x, cos, sin, allowed, past=None, impl: str = "sdpa"):
+    def forward(self, x, cos, sin, allowed, past=None, impl: str = "sdpa", invariant: bool = False):
         """Attend over `past` keys (if any) then this call's own keys; returns (output, new k, new v)."""
         q, k, v = self.project(x, cos, sin)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = ATTENTION[impl](q, keys, values, allowed)  # [B, h, S, D]
+        if invariant and q.shape[0] > 1:
+            out = attend_rowwise(q, keys, values, allowed, impl)
+        else:
+            out = ATTENTION[impl](q, keys, values, allowed)  # [B, h, S, D]
         b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
@@ -165,11 +181,12 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
 
-    def forward(self, x, weights, idx, impl: str = "grouped"):
-        return self.grouped(x, weights, idx) if impl == "grouped" else self.loop(x, weights, idx)
+    def forward(self, x, weights, idx, impl: str = "grouped", rows: int | None = None):
+        return self.grouped(x, weights, idx, rows) if impl == "grouped" else self.loop(x, weights, idx)
 
-    def grouped(self, x, weights, idx):
-        """Sort the N*K assignments by expert once, run each hit expert on its tokens, scatter-add back."""
+    def grouped(self, x, weights, idx, rows: int | None = None):
+        """Sort the N*K assignments by expert once, run each hit expert on its tokens, scatter-add back.
+        `rows` (batch-invariant mode): x stacks requests of `rows` tokens each; see `_invariant_parts`."""
         k = idx.shape[1]
         flat = idx.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)
@@ -179,8 +196,10 @@ class Experts(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                t = tokens[start : start + n]
-                out.index_add_(0, t, (self.expert(e, x[t]) * w[start : start + n, None]).to(out.dtype))
+                parts = [slice(start, start + n)] if rows is None else _invariant_parts(tokens, start, n, rows)
+                for part in parts:
+                    t = tokens[part]
+                    out.index_add_(0, t, (self.expert(e, x[t]) * w[part, None]).to(out.dtype))
                 start += n
         return out
 
@@ -192,6 +211,20 @@ class Experts(nn.Module):
                 y = self.expert(int(idx[t, slot]), x[t : t + 1]) * weights[t, slot]
                 out[t : t + 1] += y.to(out.dtype)
         return out
+
+
+def _invariant_parts(tokens: torch.Tensor, start: int, n: int, rows: int) -> list:
+    """Split one expert's assignments tokens[start:start+n] (ascending) so each GEMM has the row count it has
+    alone: a request contributing fewer than SMALL_GEMM_ROWS tokens runs by itself, the others share one GEMM
+    (large-M BLAS results do not depend on M)."""
+    request = tokens[start : start + n] // rows
+    ids, counts = torch.unique_consecutive(request, return_counts=True)
+    small = ids[counts < SMALL_GEMM_ROWS]
+    if len(small) == 0:
+        return [slice(start, start + n)]
+    span = torch.arange(start, start + n)
+    large = ~torch.isin(request, small)
+    return [span[request == r] for r in small.tolist()] + ([span[large]] if bool(large.any()) else [])
 
 
 class DecoderLayer(nn.Module):
@@ -214,13 +247,15 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))  # decoder (denoise) mode
         self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder (prefill/commit) mode
 
-    def forward(self, x, cos, sin, allowed, past=None, decoder: bool = True, impl=("sdpa", "grouped")):
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past, impl[0])
+    def forward(self, x, cos, sin, allowed, past=None, decoder: bool = True, impl=("sdpa", "grouped"),
+                invariant: bool = False):  # fmt: skip
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past, impl[0], invariant)
         r1 = x + self.post_attention_layernorm(attn)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r1)))
         flat = r1.reshape(-1, r1.shape[-1])  # [B*S, H]
         weights, idx = self.router(flat)  # router sees the raw residual, not a pre-norm output
-        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx, impl[1])
+        rows = x.shape[1] if invariant and x.shape[0] > 1 else None
+        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx, impl[1], rows)
         routed = self.post_feedforward_layernorm_2(routed.view_as(r1))
         out = r1 + self.post_feedforward_layernorm(dense + routed)
         return out * (self.layer_scalar if decoder else self.encoder_layer_scalar), k, v
@@ -255,6 +290,7 @@ class DiffusionGemma(nn.Module):
         for i, g in enumerate(cfg.layers):
             self.register_buffer(f"inv_freq_{i}", rope_inv_freq(g, cfg.rope_parameters[g.layer_type]), persistent=False)
         self.attention_impl, self.moe_impl = "sdpa", "grouped"
+        self.batch_invariant = False
 
     # --- pieces -------------------------------------------------------------------------------------------------
     @property
@@ -302,7 +338,7 @@ class DiffusionGemma(nn.Module):
             allowed = _causal_allowed(positions, kpos, None if layer.geometry.layer_type == FULL else self.text.sliding_window)
             cos, sin = self.rope(i, positions, x.dtype)
             past = (cache.keys[i], cache.values[i])
-            x, k, v = layer(x, cos, sin, allowed, past, decoder=False, impl=impl)
+            x, k, v = layer(x, cos, sin, allowed, past, decoder=False, impl=impl, invariant=self.batch_invariant)
             cache.append(i, k, v, positions)
         cache.length = positions[:, -1] + 1
         return self.norm(x)
@@ -329,7 +365,8 @@ class DiffusionGemma(nn.Module):
             # every canvas query sees all cached keys of this layer (sliding: the last W-1) + the whole canvas
             allowed = torch.cat([cache.positions[i] >= 0, canvas_ok], dim=1)[:, None, None, :]  # [B, 1, 1, T+C]
             cos, sin = self.rope(i, positions, x.dtype)
-            x, _, _ = layer(x, cos, sin, allowed, (cache.keys[i], cache.values[i]), decoder=True, impl=impl)
+            past = (cache.keys[i], cache.values[i])
+            x, _, _ = layer(x, cos, sin, allowed, past, decoder=True, impl=impl, invariant=self.batch_invariant)
         return self.logits(self.norm(x))
 
     def forward_masked(self, x: torch.Tensor, positions: torch.Tensor, allowed: list[torch.Tensor], decoder: bool):

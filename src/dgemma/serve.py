@@ -1,0 +1,116 @@
+"""`dgemma serve`: argument parser and runner for the HTTP server (`dgemma.server`).
+
+Kept apart from the server so `dgemma --help` stays instant: torch, FastAPI and uvicorn are imported only when the
+command runs. The order of checks follows the hardening notes: refuse an unauthenticated non-loopback bind, bind the
+socket (a busy port fails before any weights are read), then load the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+from .cli import EXIT_CHECKPOINT, EXIT_FAILURE, CliError, positive_float, positive_int
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with a live canvas view",
+        description="Serve /v1/completions and /v1/chat/completions (batched, streaming) and a live canvas view at /.",
+    )
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    net = p.add_argument_group("network and auth")
+    net.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    net.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or set DGEMMA_API_KEY)")
+    net.add_argument("--allow-unauthenticated-network", action="store_true",
+                     help="allow a non-loopback --host without an API key")  # fmt: skip
+    lim = p.add_argument_group("capacity and limits")
+    lim.add_argument("--max-batch", type=positive_int, default=8, metavar="N", help="requests per denoise step")
+    lim.add_argument("--max-queue", type=positive_int, default=64, metavar="N", help="waiting requests before 503")
+    lim.add_argument("--max-n", type=positive_int, default=8, metavar="N", help="cap on a request's n")
+    lim.add_argument("--max-tokens", type=positive_int, metavar="N", help="cap on a request's max_tokens")
+    srv = p.add_argument_group("serving")
+    srv.add_argument("--model-id", metavar="NAME", help="model name clients send (default: dgemma-<dir name>)")
+    srv.add_argument("--settle-steps", type=positive_int, default=3, metavar="N",
+                     help="steps a streamed token's argmax must hold before it is sent")  # fmt: skip
+    srv.add_argument("--settle-entropy", type=positive_float, default=0.1, metavar="X",
+                     help="max entropy (nats) of a token sent before its canvas commits")  # fmt: skip
+    srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
+    srv.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Check the flags, bind the socket, load the model, serve until interrupted."""
+    api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
+    loopback = is_loopback(args.host)
+    if not loopback and api_key is None and not args.allow_unauthenticated_network:
+        raise CliError(f"refusing to serve on {args.host} without an API key; pass --api-key (or DGEMMA_API_KEY), "
+                       "or --allow-unauthenticated-network if anyone who can reach it may use it")  # fmt: skip
+    if not 0 <= args.port < 65536:
+        raise CliError(f"--port must be in 0..65535, got {args.port}")
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}", EXIT_FAILURE) from None
+    with sock:
+        app = _load_app(args, api_key, loopback)
+        if not loopback and api_key is None:
+            print(f"WARNING: serving on {args.host} WITHOUT authentication", file=sys.stderr)
+        import uvicorn
+
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(f"dgemma: serving {app.state.server.model_id} on http://{host}:{port}/", file=sys.stderr)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=5, timeout_graceful_shutdown=30)
+        uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
+    from .config import ConfigError
+    from .engine import Settle
+    from .generate import BUNDLED_MODEL, Pipeline
+    from .loader import CheckpointError
+    from .server import create_app
+
+    if args.model is None and not BUNDLED_MODEL.is_dir():
+        raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
+    try:
+        pipeline = Pipeline.load(args.model, dtype=args.dtype, device=args.device)
+        return create_app(
+            pipeline, model_id=args.model_id, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+            max_n=args.max_n, max_tokens_cap=args.max_tokens, loopback_only=loopback,
+            settle=Settle(args.settle_steps, args.settle_entropy),
+        )  # fmt: skip
+    except (CheckpointError, ConfigError, OSError) as e:
+        raise CliError(str(e), EXIT_CHECKPOINT) from None
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so a busy port or a bad address fails before any weights are read."""
+    host = "127.0.0.1" if host.lower() == "localhost" else host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock

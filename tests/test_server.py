@@ -1,0 +1,466 @@
+"""The OpenAI-compatible server over real HTTP (uvicorn on a loopback port, engine thread, tiny checkpoint):
+the official `openai` client, raw SSE framing, batching vs solo parity, early settlement, disconnects, overload,
+auth and the error contract (OpenAI error shape, always 4xx for bad input)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from serving import CANVAS, LiveServer, server_checkpoint
+
+from dgemma.cli import main
+from dgemma.generate import Pipeline
+from dgemma.server import ChoiceText, create_app
+
+MODEL = "tiny"
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return Pipeline.load(server_checkpoint(tmp_path_factory.mktemp("server_ckpt")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def live(pipeline):
+    with LiveServer(create_app(pipeline, model_id=MODEL, max_batch=8)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(live):
+    with httpx.Client(base_url=live.url, timeout=120) as c:
+        yield c
+
+
+def sse(resp: httpx.Response) -> list[tuple[str, str]]:
+    """(event, data) per SSE frame; checks the framing: every frame ends with a blank line."""
+    raw = resp.read().decode()
+    assert raw.endswith("\n\n")
+    frames = []
+    for frame in raw[:-2].split("\n\n"):
+        event, data = "message", []
+        for line in frame.split("\n"):
+            key, _, value = line.partition(": ")
+            assert key in ("event", "data"), line
+            if key == "event":
+                event = value
+            else:
+                data.append(value)
+        frames.append((event, "\n".join(data)))
+    return frames
+
+
+def stream(http: httpx.Client, path: str, body: dict) -> list[tuple[str, str]]:
+    with http.stream("POST", path, json={"model": MODEL, "stream": True, **body}) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        return sse(resp)
+
+
+def chunks(frames) -> list[dict]:
+    assert frames[-1] == ("message", "[DONE]")
+    return [json.loads(d) for e, d in frames[:-1] if e == "message"]
+
+
+def solo_text(pipeline, prompt: str, seed: int, max_tokens: int, **knobs) -> str:
+    """The reference: Pipeline.generate on one request, cut to max_tokens."""
+    r = pipeline.generate(prompt, seed=seed, max_new_tokens=max_tokens, **knobs)
+    return pipeline.tokenizer.decode(r.token_ids[:max_tokens])
+
+
+def error(resp: httpx.Response, status: int, param=None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and "Traceback" not in body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    return body["error"]
+
+
+# --- the openai client --------------------------------------------------------------------------------------------
+def test_models_and_health(client, http):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL and health["auth"] is False
+    assert {"active", "queued", "alive"} <= set(health["engine"])
+
+
+def test_completion_matches_generate(client, pipeline):
+    r = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=20, seed=5)
+    choice = r.choices[0]
+    assert choice.text == solo_text(pipeline, "In the beginning", 5, 20)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 20 and r.usage.prompt_tokens == len(pipeline.prompt_ids("In the beginning"))
+    extra = choice.model_extra["dgemma"]
+    assert extra["seed"] == 5 and all(1 <= s <= 6 for s in extra["steps_per_canvas"])
+    assert extra["tokens_per_forward"] == pytest.approx(r.usage.completion_tokens / extra["forward_passes"], 1e-3)
+
+
+def test_chat_stream_equals_non_stream(client):
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 40, "seed": 11}
+    full = client.chat.completions.create(**kw)
+    pieces, usage, finish = [], None, None
+    for ch in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if ch.usage:
+            usage = ch.usage
+        for c in ch.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    # deltas are append-only; with this random model nothing settles early, so the text is the reference's
+    assert "".join(pieces) == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completion_stream_with_openai_client(client):
+    kw = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "seed": 3}
+    full = client.completions.create(**kw).choices[0].text
+    parts = [c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(parts) == full
+
+
+def test_n_choices_use_consecutive_seeds(client, pipeline):
+    r = client.completions.create(model=MODEL, prompt="The river", max_tokens=16, seed=40, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        assert c.model_extra["dgemma"]["seed"] == 40 + c.index
+        assert c.text == solo_text(pipeline, "The river", 40 + c.index, 16)
+
+
+def test_knobs_are_applied(client):
+    r = client.completions.create(model=MODEL, prompt="A", max_tokens=16, seed=1, extra_body={"steps": 2})
+    assert r.choices[0].model_extra["dgemma"]["steps_per_canvas"] == [2]
+
+
+# --- raw SSE ------------------------------------------------------------------------------------------------------
+def test_sse_framing_chat(http):
+    frames = stream(http, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "seed": 2,
+        "stream_options": {"include_usage": True},
+    })  # fmt: skip
+    cs = chunks(frames)
+    assert len({c["id"] for c in cs}) == 1 and all(c["object"] == "chat.completion.chunk" for c in cs)
+    assert all(c["model"] == MODEL and isinstance(c["created"], int) for c in cs)
+    assert cs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    finals = [c for c in cs if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["delta"] == {}
+    assert set(finals[0]["choices"][0]["dgemma"]) >= {"steps_per_canvas", "tokens_per_forward", "seed"}
+    assert cs[-1]["choices"] == [] and cs[-1]["usage"]["completion_tokens"] <= 20  # usage chunk last
+    assert all(c["usage"] is None for c in cs[:-1])
+
+
+def test_sse_framing_completions_without_usage(http):
+    cs = chunks(stream(http, "/v1/completions", {"prompt": "Hi", "max_tokens": 8, "seed": 2}))
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in cs)
+    assert cs[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_draft_events(http):
+    frames = stream(http, "/v1/completions", {
+        "prompt": "Hi", "max_tokens": 2 * CANVAS, "seed": 9, "steps": 4, "stream_options": {"include_draft": True},
+    })  # fmt: skip
+    drafts = [json.loads(d)["dgemma_draft"] for e, d in frames if e == "draft"]
+    assert drafts and all(len(d["tokens"]) == len(d["pieces"]) == len(d["entropy"]) == CANVAS for d in drafts)
+    assert [(d["canvas"], d["step"]) for d in drafts][:4] == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    assert len({tuple(d["tokens"]) for d in drafts}) >= 2
+    assert all(isinstance(a, bool) for d in drafts for a in d["accepted"])
+
+
+def test_settled_text_streams_within_a_canvas(http, pipeline):
+    """settle_steps=1 settles every position at the canvas's first step: its text is sent before the canvas's
+    later steps run, and the commit keeps exactly what was sent (pinning)."""
+    frames = stream(http, "/v1/completions", {
+        "prompt": "The sea", "max_tokens": 2 * CANVAS, "seed": 4, "steps": 5,
+        "stream_options": {"include_draft": True, "settle_steps": 1, "settle_entropy": 1e6},
+    })  # fmt: skip
+    order = [("draft", json.loads(d)["dgemma_draft"]) if e == "draft" else ("chunk", json.loads(d))
+             for e, d in frames[:-1]]  # fmt: skip
+    first_text = next(i for i, (k, c) in enumerate(order) if k == "chunk" and c["choices"][0]["text"])
+    later_steps = [i for i, (k, d) in enumerate(order) if k == "draft" and d["canvas"] == 0 and d["step"] >= 2]
+    assert later_steps and first_text < later_steps[0]  # text arrived within canvas 0, before its commit
+    canvas0 = next(d["tokens"] for k, d in order if k == "draft" and d["step"] == 1)
+    sent = order[first_text][1]["choices"][0]["text"]
+    if 1 in canvas0:  # EOS: the canvas (and the generation) ends there
+        assert sent == pipeline.tokenizer.decode(canvas0[: canvas0.index(1) + 1])
+    else:  # all of it, bar a character the next canvas may complete
+        assert sent == pipeline.tokenizer.decode(canvas0).rstrip("\ufffd")
+
+
+def test_stop_strings(client, http, pipeline):
+    full = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=32, seed=8).choices[0].text
+    words = [w for w in full.split(" ") if len(w) >= 2 and full.find(w) > 0]
+    if not words:
+        pytest.skip("random output without a usable stop string")
+    stop = words[len(words) // 2]
+    expect = full[: full.find(stop)]
+    r = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=32, seed=8, stop=[stop, "zzzz"])
+    assert r.choices[0].text == expect and r.choices[0].finish_reason == "stop"
+    cs = chunks(stream(http, "/v1/completions", {"prompt": "In the beginning", "max_tokens": 32, "seed": 8,
+                                                 "stop": stop}))  # fmt: skip
+    assert "".join(c["choices"][0]["text"] for c in cs) == expect
+    assert cs[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+class CharTokenizer:
+    """One character per token id (id = code point)."""
+
+    def decode(self, ids, skip_special=True):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize(
+    "text, stop, expect",
+    [
+        ("abcdef", ["cd"], ["a", "b", "", "", "", "", ""]),  # "c" waits (it may start "cd"), then the stop hits
+        ("abcxef", ["cd"], ["a", "b", "", "cx", "e", "f", ""]),  # held back, then released
+        ("xyz", ["yz1"], ["x", "", "", "yz"]),  # a stop prefix left at the very end is flushed
+    ],
+)
+def test_stop_holdback_is_append_only(text, stop, expect):
+    ct = ChoiceText(CharTokenizer(), stop, max_tokens=100, eos={0})
+    deltas = [ct.push([ord(c)]) for c in text] + [ct.push([], "length")]
+    assert deltas == expect
+
+
+def test_max_tokens_truncates_and_utf8_is_never_split():
+    ct = ChoiceText(CharTokenizer(), [], max_tokens=3, eos={0})
+    assert ct.push([ord("a"), ord("b")]) == "ab" and ct.push([ord("c"), ord("d")]) == "c"
+    assert ct.finish_reason == "length" and ct.ids == [97, 98, 99]
+
+    class Bytes:  # a tokenizer that can split a character across tokens
+        def decode(self, ids, skip_special=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    ct = ChoiceText(Bytes(), [], max_tokens=10, eos=set())
+    euro = list("€".encode())
+    assert ct.push(euro[:2]) == "" and ct.push(euro[2:]) == "€"
+
+
+# --- batching, cancellation, overload -----------------------------------------------------------------------------
+def test_concurrent_requests_match_solo(client, live, pipeline):
+    reqs = [(f"{'Some prompt ' * (i + 1)}number {i}", 100 + i, 16 * (1 + i % 3), 4 + i % 3) for i in range(6)]
+
+    def run(req):
+        prompt, seed, max_tokens, steps = req
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed,
+                                      extra_body={"steps": steps})  # fmt: skip
+        return r.choices[0].text
+
+    before = live.engine.counters["peak_batch"]
+    live.engine.counters["peak_batch"] = 0
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        batched = list(pool.map(run, reqs))
+    assert live.engine.counters["peak_batch"] >= 2  # they really shared steps
+    live.engine.counters["peak_batch"] = max(before, live.engine.counters["peak_batch"])
+    solo = [solo_text(pipeline, p, s, m, steps=k) for p, s, m, k in reqs]
+    assert batched == solo
+    assert [run(r) for r in reqs[:2]] == solo[:2]  # and through the server one at a time
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+LONG = {"prompt": "Long", "max_tokens": 4 * CANVAS, "steps": 1024, "confidence_threshold": 1e-30}
+
+
+def test_stream_disconnect_drops_work(live):
+    body = {"model": MODEL, "stream": True, **LONG, "stream_options": {"include_draft": True}}
+    with httpx.Client(base_url=live.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        assert any(line.startswith("event: draft") for line, _ in zip(lines, range(50)))
+        assert live.engine.stats()["active"] == 1
+    t0 = time.monotonic()
+    wait_for(lambda: live.engine.stats()["active"] == 0, timeout=5)
+    assert time.monotonic() - t0 < 2
+
+
+def test_non_stream_disconnect_drops_work(live):
+    outcome = []
+
+    def slow_request():
+        try:
+            httpx.post(live.url + "/v1/completions", json={"model": MODEL, **LONG}, timeout=1.0)
+        except httpx.ReadTimeout as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=slow_request)
+    t.start()
+    wait_for(lambda: live.engine.stats()["active"] == 1)
+    t.join()
+    assert outcome  # the client gave up and closed the connection
+    wait_for(lambda: live.engine.stats()["active"] == 0, timeout=5)
+
+
+def test_queue_full_is_503_with_retry_after(pipeline):
+    app = create_app(pipeline, model_id=MODEL, max_batch=1, max_queue=1)
+    with LiveServer(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        body = {"model": MODEL, "stream": True, **LONG}
+        with c.stream("POST", "/v1/completions", json=body) as first:
+            wait_for(lambda: s.engine.stats()["active"] == 1)
+            with c.stream("POST", "/v1/completions", json=body) as second:
+                wait_for(lambda: s.engine.stats()["queued"] == 1)
+                third = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+                err = error(third, 503)
+                assert third.headers["retry-after"] == "1" and err["code"] == "server_overloaded"
+                assert c.get("/health").status_code == 200  # health answers while saturated
+                assert first.status_code == second.status_code == 200
+        wait_for(lambda: s.engine.stats()["active"] == s.engine.stats()["queued"] == 0, timeout=5)
+        ok = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        assert ok.status_code == 200  # the next request succeeds
+
+
+# --- the error contract -------------------------------------------------------------------------------------------
+BAD_BODIES = [
+    ("max_tokens", {"max_tokens": "5"}), ("max_tokens", {"max_tokens": 1.5}), ("max_tokens", {"max_tokens": True}),
+    ("max_tokens", {"max_tokens": 0}), ("max_tokens", {"max_tokens": -3}), ("max_tokens", {"max_tokens": 2**63}),
+    ("n", {"n": 0}), ("n", {"n": 9}), ("seed", {"seed": -1}), ("seed", {"seed": "x"}), ("seed", {"seed": 2**64}),
+    ("stop", {"stop": ["a", "b", "c", "d", "e"]}), ("stop", {"stop": ""}), ("stop", {"stop": [1]}),
+    ("stop", {"stop": "x" * 300}), ("stream", {"stream": "yes"}), ("steps", {"steps": 0}), ("steps", {"steps": 5000}),
+    ("entropy_bound", {"entropy_bound": -1.0}), (None, {"t_min": 0.9, "t_max": 0.5}),
+    ("temperature", {"temperature": 0.7}), ("top_p", {"top_p": 0.5}), ("logprobs", {"logprobs": 2}),
+    ("echo", {"echo": True}), ("suffix", {"suffix": "end"}), ("best_of", {"best_of": 2}),
+    ("logit_bias", {"logit_bias": {"5": 10}}), ("presence_penalty", {"presence_penalty": 1.0}),
+    ("chat_template", {"chat_template": "{{ 7 * 7 }}"}), ("chat_template_kwargs", {"chat_template_kwargs": {}}),
+    ("prompt", {"prompt": ""}), ("prompt", {"prompt": "   "}), ("prompt", {"prompt": []}),
+    ("prompt", {"prompt": [5, -1]}), ("prompt", {"prompt": [5, 10**6]}), ("prompt", {"prompt": ["a", "b"]}),
+    ("prompt", {"prompt": "bad \ud800 surrogate"}), ("prompt", {"prompt": {"text": "x"}}),
+    ("stream_options", {"stream_options": {"include_usage": 1}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("param, fields", BAD_BODIES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(BAD_BODIES)])
+def test_bad_completion_fields_are_400(http, param, fields):
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 8, **fields})  # ASCII: \ud800 stays escaped
+    error(http.post("/v1/completions", content=body, headers={"content-type": "application/json"}), 400, param)
+
+
+BAD_CHAT = [
+    ("messages", {"messages": []}), ("messages[0]", {"messages": [{"role": "wizard", "content": "x"}]}),
+    ("messages[0]", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+    ("messages[0]", {"messages": [{"role": "user", "content": None}]}), ("messages", {"messages": "hi"}),
+    ("messages[0]", {"messages": [{"role": "user", "content": 5}]}), ("tools", {"tools": [{"type": "function"}]}),
+    ("tool_choice", {"tool_choice": "auto"}), ("response_format", {"response_format": {"type": "json_object"}}),
+    ("top_logprobs", {"top_logprobs": 3}), ("logprobs", {"logprobs": True}),
+    ("max_completion_tokens", {"max_completion_tokens": 0}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("param, fields", BAD_CHAT, ids=[f"{p}-{i}" for i, (p, _) in enumerate(BAD_CHAT)])
+def test_bad_chat_fields_are_400(http, param, fields):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, **fields}
+    error(http.post("/v1/chat/completions", json=body), 400, param)
+
+
+def test_chat_accepts_text_parts_and_special_strings(client):
+    r = client.chat.completions.create(model=MODEL, max_tokens=8, seed=1, messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "<|turn>user\n<eos><turn|>"}]},
+    ])  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 12  # the control strings were encoded as plain text, not single ids
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b'{"model": "tiny", "prompt": "x"', b"[]", b"null", b"\xff\xfe"])
+def test_invalid_json_is_400_not_422(http, raw):
+    error(http.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
+
+
+def test_unknown_model_is_404(http):
+    for name in ("other", "../../etc/passwd", "x" * 10_000):
+        err = error(http.post("/v1/completions", json={"model": name, "prompt": "x"}), 404, "model")
+        assert err["code"] == "model_not_found" and name[:20] not in err["message"]
+    error(http.get("/v1/models/other"), 404)
+
+
+def test_context_length(http, pipeline):
+    long_ids = [7] * 250  # the context is 256 positions, a canvas is 16
+    err = error(http.post("/v1/completions", json={"model": MODEL, "prompt": long_ids, "max_tokens": 1}), 400)
+    assert err["code"] == "context_length_exceeded" and "256" in err["message"]
+    err = error(http.post("/v1/completions", json={"model": MODEL, "prompt": [7] * 200, "max_tokens": 50}), 400)
+    assert err["code"] == "context_length_exceeded" and "64" in err["message"]  # 50 rounds up to 4 canvases
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": [7] * 230, "seed": 1}).json()
+    assert r["usage"]["completion_tokens"] <= 16  # default max_tokens: the room left, whole canvases
+
+
+def test_routes_and_methods(http):
+    error(http.get("/v1/nothing"), 404)
+    error(http.get("/v1/completions"), 405)
+    schema = http.get("/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema["paths"])
+    assert http.get("/").headers["content-type"].startswith("text/html")
+    assert "access-control-allow-origin" not in http.options("/v1/models").headers
+
+
+def test_body_limit_is_413(http):
+    big = {"model": MODEL, "prompt": "x" * (2 * 1024 * 1024 + 10)}
+    error(http.post("/v1/completions", json=big), 413)
+
+    def chunked():
+        for _ in range(300):
+            yield b"x" * 10_000
+
+    error(http.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"}), 413)
+
+
+def test_loopback_bind_rejects_foreign_host_header(http):
+    for host in ("evil.example", "evil.example:80", "localhost/v1/models?", "127.0.0.1.evil.example"):
+        error(http.get("/v1/models", headers={"host": host}), 400)
+    assert http.get("/v1/models", headers={"host": "localhost"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def secured(pipeline):
+    with LiveServer(create_app(pipeline, model_id=MODEL, api_key=KEY)) as s:
+        yield s
+
+
+def test_api_key_on_every_route(secured):
+    protected = [r.path for r in secured.app.routes if r.path not in ("/health", "/")]
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/openapi.json"} <= set(protected)
+    with httpx.Client(base_url=secured.url, timeout=60) as c:
+        for path in protected:
+            path = path.replace("{model}", MODEL)
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY},
+                            {"authorization": "Bearer " + KEY.upper()}, {"authorization": "Bearer " + "k" * 5000}):  # fmt: skip
+                err = error(c.get(path, headers=headers), 401)
+                assert err["type"] == "authentication_error" and KEY not in json.dumps(err)
+        error(c.get("/v1/models?api_key=" + KEY), 401)
+        error(c.options("/v1/models", headers={"origin": "http://evil.example"}), 401)
+        assert c.get("/health").json()["auth"] is True
+        assert c.get("/").status_code == 200
+        assert c.get("/v1/models", headers={"authorization": "bearer " + KEY}).status_code == 200
+    good = openai.OpenAI(base_url=secured.url + "/v1", api_key=KEY, max_retries=0)
+    assert good.completions.create(model=MODEL, prompt="Hi", max_tokens=4, seed=1).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=secured.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+# --- `dgemma serve` refusals (no weights are loaded) ----------------------------------------------------------------
+def test_serve_refuses_open_network_without_key(capsys, monkeypatch):
+    monkeypatch.delenv("DGEMMA_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+
+
+def test_serve_reports_busy_port(live, capsys, tmp_path):
+    assert main(["serve", "--port", str(live.port), "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot listen") and "Traceback" not in err

@@ -312,7 +312,11 @@ def plot_losses(history: dict, path: Path) -> None:
 
 
 def run_train(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if tc.seq_len % tc.canvas_length:
         raise ValueError(f"--seq-len {tc.seq_len} must be a multiple of --canvas-length {tc.canvas_length}")

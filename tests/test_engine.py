@@ -27,24 +27,23 @@ def model():
     return random_model(tiny_config(canvas_length=16, num_experts=8, top_k_experts=2), seed=2)
 
 
-@pytest.mark.parametrize("k, n", [(64, 96), (96, 32), (64, 128), (32, 64)])
+@pytest.mark.parametrize("k, n", [(64, 96), (96, 32), (64, 128), (32, 64), (128, 4096), (4096, 128), (256, 512)])
 def test_gemm_rows_do_not_depend_on_batch_rows_from_the_threshold(k, n):
     """The BLAS property batch-invariant mode relies on: a GEMM row's result does not depend on how many other
     rows share the call, once the call has >= SMALL_GEMM_ROWS rows."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g)
-    for m in (SMALL_GEMM_ROWS, 17, 31, 64, 100):
+    for m in [*range(SMALL_GEMM_ROWS, SMALL_GEMM_ROWS + 8), 31, 64, 100]:
         x = torch.randn(m, k, generator=g)
         stacked = torch.cat([torch.randn(37, k, generator=g), x, torch.randn(300, k, generator=g)])
         assert torch.equal(F.linear(stacked, w)[37 : 37 + m], F.linear(x, w))
 
 
 def test_invariant_parts_split_small_groups():
-    tokens = torch.tensor([0, 1, 2, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 40])
-    parts = _invariant_parts(tokens, 0, len(tokens), rows=16)  # requests 0 (3 rows), 1 (16 rows), 2 (1 row)
-    got = sorted(tokens[p].tolist() for p in parts)
-    assert got == sorted([[0, 1, 2], [40], list(range(16, 32))])
-    assert _invariant_parts(tokens, 3, 16, rows=16) == [slice(3, 19)]  # one request with enough rows: unchanged
+    parts = _invariant_parts([3, 16, 0, 1, 20], start=5)  # requests 0 and 3 are small, 1 and 4 share a GEMM
+    as_lists = [list(range(p.start, p.stop)) if isinstance(p, slice) else p.tolist() for p in parts]
+    assert as_lists == [[5, 6, 7], [24], list(range(8, 24)) + list(range(25, 45))]
+    assert _invariant_parts([0, 16, 40], start=2) == [slice(2, 58)]  # nothing small: one GEMM, as without batching
 
 
 def prefilled(model, prompts, seeds):

@@ -84,17 +84,20 @@ def attend_sdpa(q, k, v, allowed):
 
 
 ATTENTION = {"sdpa": attend_sdpa, "eager": attend_eager}
-SMALL_GEMM_ROWS = 16  # BLAS (MKL sgemm) takes another code path, with other rounding, below ~12 rows
+# MKL sgemm takes other code paths, with other rounding, for few rows (here: < 4 with 1 thread, < 12 with 2); at
+# and above this many rows a row's result does not depend on the row count (tests/test_engine.py checks it)
+SMALL_GEMM_ROWS = 12
 
 
 def attend_rowwise(q, k, v, allowed, impl: str = "sdpa"):
-    """Batch-invariant attention: each row attends over only its own valid keys, exactly as it would alone.
-    Left padding shifts where a row's keys fall in the kernel's blocks and changes the low bits."""
-    out = []
-    for b in range(q.shape[0]):
-        keep = allowed[b].reshape(-1, allowed.shape[-1]).any(0).nonzero()[:, 0]  # valid key columns of row b
-        kb, vb = k[b : b + 1].index_select(2, keep), v[b : b + 1].index_select(2, keep)  # [1, kv, T_b, D]
-        out.append(ATTENTION[impl](q[b : b + 1], kb, vb, allowed[b : b + 1].index_select(3, keep)))
+    """Batch-invariant attention for left-padded rows: each row attends over only its own keys (its padding cut off
+    by slicing), exactly as it would alone; padding shifts where keys fall in the kernel's blocks and changes bits."""
+    valid = allowed.any(dim=2)[:, 0]  # [B, T] keys some query of the row may see
+    assert bool((valid[:, 1:] >= valid[:, :-1]).all()), "rowwise attention expects left padding"
+    t, out = valid.shape[1], []
+    for b, n in enumerate(valid.sum(1).tolist()):
+        s = t - n
+        out.append(ATTENTION[impl](q[b : b + 1], k[b : b + 1, :, s:], v[b : b + 1, :, s:], allowed[b : b + 1, ..., s:]))
     return torch.cat(out)  # [B, h, S, D]
 
 
@@ -192,11 +195,15 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         tokens, w = order // k, weights.reshape(-1)[order]
+        if rows is not None:  # assignments per (expert, request), [E][B]
+            n_req, n_exp = x.shape[0] // rows, len(counts)
+            per_request = torch.bincount(flat[order] * n_req + tokens // rows, minlength=n_exp * n_req)
+            per_request = per_request.view(n_exp, n_req).tolist()
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                parts = [slice(start, start + n)] if rows is None else _invariant_parts(tokens, start, n, rows)
+                parts = [slice(start, start + n)] if rows is None else _invariant_parts(per_request[e], start)
                 for part in parts:
                     t = tokens[part]
                     out.index_add_(0, t, (self.expert(e, x[t]) * w[part, None]).to(out.dtype))
@@ -213,18 +220,20 @@ class Experts(nn.Module):
         return out
 
 
-def _invariant_parts(tokens: torch.Tensor, start: int, n: int, rows: int) -> list:
-    """Split one expert's assignments tokens[start:start+n] (ascending) so each GEMM has the row count it has
-    alone: a request contributing fewer than SMALL_GEMM_ROWS tokens runs by itself, the others share one GEMM
-    (large-M BLAS results do not depend on M)."""
-    request = tokens[start : start + n] // rows
-    ids, counts = torch.unique_consecutive(request, return_counts=True)
-    small = ids[counts < SMALL_GEMM_ROWS]
-    if len(small) == 0:
-        return [slice(start, start + n)]
-    span = torch.arange(start, start + n)
-    large = ~torch.isin(request, small)
-    return [span[request == r] for r in small.tolist()] + ([span[large]] if bool(large.any()) else [])
+def _invariant_parts(counts: list[int], start: int) -> list:
+    """Split one expert's assignments (sorted by request; `counts[r]` from request r, the first at `start`) so each
+    GEMM has the row count it has alone: a request with fewer than SMALL_GEMM_ROWS rows runs by itself, the others
+    share one GEMM (large-M BLAS results do not depend on M)."""
+    if all(c == 0 or c >= SMALL_GEMM_ROWS for c in counts):
+        return [slice(start, start + sum(counts))]
+    parts, large = [], []
+    for c in counts:
+        if 0 < c < SMALL_GEMM_ROWS:
+            parts.append(slice(start, start + c))
+        elif c:
+            large.extend(range(start, start + c))
+        start += c
+    return parts + ([torch.tensor(large)] if large else [])
 
 
 class DecoderLayer(nn.Module):

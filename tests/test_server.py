@@ -327,6 +327,29 @@ def test_queue_full_is_503_with_retry_after(pipeline):
         assert ok.status_code == 200  # the next request succeeds
 
 
+def test_engine_failure_mid_stream_is_an_error_event(pipeline, monkeypatch):
+    with LiveServer(create_app(pipeline, model_id=MODEL)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        calls = []
+
+        def failing_step(model, gens):
+            calls.append(1)
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr("dgemma.engine.denoise_step", failing_step)
+        with c.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True}) as resp:
+            frames = sse(resp)
+        assert calls and frames[-1][0] == "message" and "[DONE]" not in frames[-1][1]
+        assert json.loads(frames[-1][1])["error"]["type"] == "server_error"  # never a silently truncated stream
+        error(c.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 500)
+        monkeypatch.undo()
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4}).status_code == 200
+        s.engine.stop()
+        assert c.get("/health").status_code == 503  # health reflects the generation loop, not just HTTP
+        assert (
+            error(c.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 503)["code"] == "engine_unavailable"
+        )
+
+
 # --- the error contract -------------------------------------------------------------------------------------------
 BAD_BODIES = [
     ("max_tokens", {"max_tokens": "5"}), ("max_tokens", {"max_tokens": 1.5}), ("max_tokens", {"max_tokens": True}),

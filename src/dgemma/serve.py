@@ -42,6 +42,8 @@ def add_serve_parser(subparsers) -> None:
                      help="max entropy (nats) of a token sent before its canvas commits")  # fmt: skip
     srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
     srv.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    srv.add_argument("--threads", type=positive_int, metavar="N",
+                     help="torch CPU threads (default: torch's choice; on a busy shared CPU 1 can be much faster)")  # fmt: skip
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_serve)
 
@@ -82,6 +84,10 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
 
     if args.model is None and not BUNDLED_MODEL.is_dir():
         raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         pipeline = Pipeline.load(args.model, dtype=args.dtype, device=args.device)
         return create_app(

@@ -1,0 +1,212 @@
+"""Server benchmark: N concurrent streaming clients against `dgemma serve` (in-process, real HTTP on loopback).
+
+For each N in --clients, N client threads each send --requests streaming completions one after another (request k
+of the level always has the same prompt and seed), and the run reports output throughput (completion tokens/s over
+the level's wall time), time to the first streamed text (settled tokens), time to the first canvas commit (server
+side), p50/p99 request latency and the throughput ratio against N=1. Seeded outputs must be identical at every N
+(batching never changes results); the script checks it. Human table first, then one JSON line last.
+
+The bundled model is the default; when it is missing (or with --random SIZE), a random model is built in a temporary
+directory: "bundled" has scripts/train_bundled.sh's shape (hidden 128, 4 layers, 4 experts top-2, canvas 32, vocab
+4096), "large" hidden 256, 6 layers, canvas 64, vocab 8192. Random weights never stop a canvas early and rarely
+settle text before the commit, so steps are capped (--steps) to keep the run short.
+
+    python scripts/bench_server.py [--model DIR | --random {bundled,large}] [--clients 1,2,4,8] [--requests 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+from dgemma.bpe import load_corpus_lines, train_bpe
+from dgemma.config import GenerationSettings, ModelConfig
+from dgemma.export import save_model
+from dgemma.generate import BUNDLED_MODEL, Pipeline
+from dgemma.model import DiffusionGemma
+from dgemma.server import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "The history of the city begins",
+    "In the morning the market was",
+    "She opened the letter and read",
+    "The river ran past the old mill where",
+    "A short guide to keeping bees:",
+    "When the storm reached the coast,",
+    "The committee met again on Tuesday to",
+    "Once upon a time there lived",
+]
+
+
+SIZES = {  # "bundled": scripts/train_bundled.sh's shape; "large": twice as wide and deep, 4x the vocabulary
+    "bundled": {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128, "num_hidden_layers": 4,
+                "head_dim": 32, "global_head_dim": 64, "sliding_window": 128, "vocab": 4096, "canvas": 32},
+    "large": {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 512, "num_hidden_layers": 6,
+              "head_dim": 64, "global_head_dim": 128, "sliding_window": 512, "vocab": 8192, "canvas": 64},
+}  # fmt: skip
+
+
+def random_checkpoint(out: Path, size: str) -> Path:
+    """A random model of the given size with a BPE tokenizer trained on the validation text."""
+    shape = dict(SIZES[size])
+    vocab, canvas = shape.pop("vocab"), shape.pop("canvas")
+    tok = train_bpe(load_corpus_lines(ROOT / "data" / "web" / "val.txt.gz"), vocab_size=vocab)
+    text = {
+        **shape, "vocab_size": tok.get_vocab_size(), "num_experts": 4, "top_k_experts": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_global_key_value_heads": 1, "max_position_embeddings": 4096,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    }  # fmt: skip
+    config = ModelConfig.from_dict({"canvas_length": canvas, "text_config": text, "eos_token_id": [1]})
+    torch.manual_seed(0)
+    model = DiffusionGemma(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "scale", "per_expert_scale")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.3 if name == "embed_tokens.weight" else 0.05)
+    return save_model(model, out, GenerationSettings(eos_token_ids=(1,), pad_token_id=0), tokenizer=tok)
+
+
+class Server:
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def one_request(client: httpx.Client, body: dict) -> dict:
+    """Stream one completion; returns timings (s), text and server-side stats."""
+    t0 = time.perf_counter()
+    first, text, stats, usage = None, [], {}, {}
+    with client.stream("POST", "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                if c["text"] and first is None:
+                    first = time.perf_counter() - t0
+                text.append(c["text"])
+                stats = c.get("dgemma") or stats
+    return {"first_text_s": first, "latency_s": time.perf_counter() - t0, "text": "".join(text),
+            "tokens": usage["completion_tokens"], "first_commit_s": stats.get("first_commit_s"),
+            "steps": stats.get("steps_per_canvas")}  # fmt: skip
+
+
+def run_level(url: str, n: int, requests: int, knobs: dict) -> dict:
+    results: dict[int, dict] = {}
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=3600) as c:
+            for r in range(requests):
+                k = i * requests + r
+                body = {"model": "bench", "prompt": PROMPTS[k % len(PROMPTS)], "seed": 1000 + k, "stream": True,
+                        "stream_options": {"include_usage": True}, **knobs}  # fmt: skip
+                results[k] = one_request(c, body)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(r["latency_s"] for r in results.values())
+    firsts = [r["first_text_s"] for r in results.values() if r["first_text_s"] is not None]
+    commits = [r["first_commit_s"] for r in results.values() if r["first_commit_s"] is not None]
+    tokens = sum(r["tokens"] for r in results.values())
+    return {
+        "clients": n, "requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "first_text_p50_s": statistics.median(firsts) if firsts else None,
+        "first_commit_p50_s": statistics.median(commits) if commits else None,
+        "latency_p50_s": statistics.median(lat), "latency_p99_s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
+        "texts": {k: r["text"] for k, r in results.items()},
+    }  # fmt: skip
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="checkpoint directory (default: bundled, else a random one)")
+    ap.add_argument("--random", choices=sorted(SIZES), help="benchmark a random model of this size instead")
+    ap.add_argument("--clients", default="1,2,4,8", help="comma-separated concurrency levels")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=None, help="max steps per canvas (default: 12 for a random model)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    levels = [int(x) for x in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, kind = args.model, "given"
+        if model_dir is None and not args.random and BUNDLED_MODEL.is_dir():
+            model_dir, kind = BUNDLED_MODEL, "bundled"
+        if model_dir is None:
+            size = args.random or "bundled"
+            print(f"building a random {size}-size model ...", file=sys.stderr)
+            model_dir, kind = random_checkpoint(Path(tmp) / "random", size), f"random-{size}"
+        steps = args.steps or (12 if kind.startswith("random") else None)
+        pipe = Pipeline.load(model_dir, dtype=args.dtype, device="cpu")
+        knobs = {"max_tokens": args.max_tokens, **({"steps": steps} if steps else {})}
+        app = create_app(pipe, model_id="bench", max_batch=max(levels), max_queue=max(levels) * 2)
+        with Server(app) as srv:
+            run_level(srv.url, 1, 1, knobs)  # warm-up, outside the timed runs
+            rows = [run_level(srv.url, n, args.requests, knobs) for n in levels]
+    base = rows[0]["tokens_per_s"]
+    ref = rows[0]["texts"]
+    identical = all(r["texts"][k] == ref[k] for r in rows for k in r["texts"] if k in ref)
+    longest = max(rows, key=lambda r: len(r["texts"]))["texts"]
+    identical = identical and all(r["texts"][k] == longest[k] for r in rows for k in r["texts"])
+    cfg = pipe.model.config
+    print(f"model: {kind} {model_dir if kind == 'given' else ''} | hidden {cfg.text.hidden_size}, "
+          f"{cfg.text.num_hidden_layers} layers, {cfg.text.num_experts} experts, canvas {cfg.canvas_length}, vocab {cfg.text.vocab_size} | "
+          f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'clients':>7} {'reqs':>5} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'ratio':>6} {'1st text':>8} "
+          f"{'1st commit':>10} {'p50 s':>6} {'p99 s':>6}")  # fmt: skip
+    for r in rows:
+        print(f"{r['clients']:>7} {r['requests']:>5} {r['tokens']:>6} {r['wall_s']:>7.1f} {r['tokens_per_s']:>7.1f} "
+              f"{r['tokens_per_s'] / base:>6.2f} {fmt(r['first_text_p50_s']):>8} {fmt(r['first_commit_p50_s']):>10} "
+              f"{r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f}")  # fmt: skip
+    print(f"seeded outputs identical across concurrency levels: {identical}")
+    summary = {
+        "model": kind, "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
+        "ratio_at_max": rows[-1]["tokens_per_s"] / base, "identical_outputs": identical,
+        "max_tokens": args.max_tokens, "steps": steps, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -128,7 +128,7 @@ def run_level(url: str, n: int, requests: int, knobs: dict) -> dict:
             for r in range(requests):
                 k = i * requests + r
                 body = {"model": "bench", "prompt": PROMPTS[k % len(PROMPTS)], "seed": 1000 + k, "stream": True,
-                        "stream_options": {"include_usage": True}, **knobs}  # fmt: skip
+                        **knobs, "stream_options": {"include_usage": True, **knobs.get("stream_options", {})}}  # fmt: skip
                 results[k] = one_request(c, body)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
@@ -164,7 +164,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="max steps per canvas (default: 12 for a random model)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--workers", type=int, default=1, help="engine step groups run side by side")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    ap.add_argument("--settle-steps", type=int, default=None, help="stream_options.settle_steps (0: whole canvases)")
+    ap.add_argument("--settle-entropy", type=float, default=None, help="stream_options.settle_entropy")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,7 +183,9 @@ def main() -> None:
         steps = args.steps or (12 if kind.startswith("random") else None)
         pipe = Pipeline.load(model_dir, dtype=args.dtype, device="cpu")
         knobs = {"max_tokens": args.max_tokens, **({"steps": steps} if steps else {})}
-        app = create_app(pipe, model_id="bench", max_batch=max(levels), max_queue=max(levels) * 2)
+        settle = {"settle_steps": args.settle_steps, "settle_entropy": args.settle_entropy}
+        knobs["stream_options"] = {k: v for k, v in settle.items() if v is not None}
+        app = create_app(pipe, model_id="bench", max_batch=max(levels), max_queue=max(levels) * 2, workers=args.workers)
         with Server(app) as srv:
             run_level(srv.url, 1, 1, knobs)  # warm-up, outside the timed runs
             rows = [run_level(srv.url, n, args.requests, knobs) for n in levels]
@@ -191,8 +196,11 @@ def main() -> None:
     identical = identical and all(r["texts"][k] == longest[k] for r in rows for k in r["texts"])
     cfg = pipe.model.config
     print(f"model: {kind} {model_dir if kind == 'given' else ''} | hidden {cfg.text.hidden_size}, "
-          f"{cfg.text.num_hidden_layers} layers, {cfg.text.num_experts} experts, canvas {cfg.canvas_length}, vocab {cfg.text.vocab_size} | "
-          f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, {torch.get_num_threads()} threads")  # fmt: skip
+          f"{cfg.text.num_hidden_layers} layers, {cfg.text.num_experts} experts, canvas {cfg.canvas_length}, "
+          f"vocab {cfg.text.vocab_size} | "
+          f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, {torch.get_num_threads()} threads, "
+          f"{args.workers} workers, "
+          f"settle {knobs['stream_options'] or 'server default'}")  # fmt: skip
     print(f"{'clients':>7} {'reqs':>5} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'ratio':>6} {'1st text':>8} "
           f"{'1st commit':>10} {'p50 s':>6} {'p99 s':>6}")  # fmt: skip
     for r in rows:
@@ -203,7 +211,8 @@ def main() -> None:
     summary = {
         "model": kind, "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
         "ratio_at_max": rows[-1]["tokens_per_s"] / base, "identical_outputs": identical,
-        "max_tokens": args.max_tokens, "steps": steps, "threads": torch.get_num_threads(),
+        "max_tokens": args.max_tokens, "steps": steps, "threads": torch.get_num_threads(), "workers": args.workers,
+        "settle": knobs["stream_options"],
     }  # fmt: skip
     print(json.dumps(summary))
 

@@ -128,8 +128,9 @@ def wait_for(predicate, timeout=10.0):
         time.sleep(0.01)
 
 
-def test_engine_matches_solo_generation_and_reports_tokens(model):
-    engine = Engine(model, max_batch=2).start()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_engine_matches_solo_generation_and_reports_tokens(model, workers):
+    engine = Engine(model, max_batch=2, workers=workers).start()
     try:
         jobs = [job(p, s) for p, s in zip(PROMPTS, [5, 6, 7])]  # 3 jobs, batch of 2: one joins later
         engine.submit([j for j, _ in jobs])

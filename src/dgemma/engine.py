@@ -18,9 +18,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -145,10 +147,14 @@ class PinnedGeneration(Generation):
 class Engine:
     """The worker thread and its queue. `submit`, `cancel` and `stats` may be called from any thread."""
 
-    def __init__(self, model: DiffusionGemma, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+    def __init__(self, model: DiffusionGemma, max_batch: int = 8, max_queue: int = 64, workers: int = 1):
+        if max_batch < 1 or max_queue < 1 or workers < 1:
+            raise ValueError(f"max_batch, max_queue and workers must be >= 1, got {max_batch}, {max_queue}, {workers}")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        # workers > 1: a step's batch is split into that many groups run side by side (for CPUs with one torch
+        # thread per worker); batch invariance makes the split invisible in the results
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers - 1, "dgemma-step") if workers > 1 else None
         model.batch_invariant = True  # seeded outputs must not depend on batch composition
         self._queue: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -171,6 +177,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue all `jobs` or none of them (QueueFull)."""
@@ -269,7 +277,7 @@ class Engine:
     def _step(self) -> None:
         jobs = list(self._active)
         try:
-            results = denoise_step(self.model, [j.gen for j in jobs])
+            results = self._denoise([j.gen for j in jobs])
         except Exception as e:  # e.g. out of memory: fail this batch, keep serving
             log.exception("denoise step failed")
             with self._cv:
@@ -284,6 +292,17 @@ class Engine:
             self._deliver(job, events)
         with self._cv:
             self._active = [j for j in self._active if j.gen is not None and not j.gen.finished]
+
+    def _denoise(self, gens: list[Generation]) -> list[list]:
+        if self._pool is None or len(gens) < 2:
+            return denoise_step(self.model, gens)
+        size = math.ceil(len(gens) / self.workers)
+        groups = [gens[i : i + size] for i in range(0, len(gens), size)]
+        others = [self._pool.submit(denoise_step, self.model, g) for g in groups[1:]]
+        results = denoise_step(self.model, groups[0])
+        for future in others:
+            results += future.result()
+        return results
 
     def _deliver(self, job: Job, events: list) -> None:
         gen = job.gen

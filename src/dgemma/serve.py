@@ -44,6 +44,8 @@ def add_serve_parser(subparsers) -> None:
     srv.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     srv.add_argument("--threads", type=positive_int, metavar="N",
                      help="torch CPU threads (default: torch's choice; on a busy shared CPU 1 can be much faster)")  # fmt: skip
+    srv.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                     help="run a step's batch as N groups side by side (CPU: pair with --threads 1)")  # fmt: skip
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_serve)
 
@@ -93,7 +95,7 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
         return create_app(
             pipeline, model_id=args.model_id, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
             max_n=args.max_n, max_tokens_cap=args.max_tokens, loopback_only=loopback,
-            settle=Settle(args.settle_steps, args.settle_entropy),
+            settle=Settle(args.settle_steps, args.settle_entropy), workers=args.workers,
         )  # fmt: skip
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e), EXIT_CHECKPOINT) from None

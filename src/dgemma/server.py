@@ -450,9 +450,10 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
 
 def create_app(pipeline, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_n: int = MAX_N, max_tokens_cap: int | None = None,
-               max_body: int = MAX_BODY, loopback_only: bool = True, settle: Settle = DEFAULT_SETTLE) -> FastAPI:  # fmt: skip
+               max_body: int = MAX_BODY, loopback_only: bool = True, settle: Settle = DEFAULT_SETTLE,
+               workers: int = 1) -> FastAPI:  # fmt: skip
     """The FastAPI app. Its engine thread starts and stops with the app's lifespan."""
-    engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue, workers=workers)
     srv = Server(pipeline, engine, model_id or f"dgemma-{pipeline.model_dir.name}", max_n, max_tokens_cap, settle)
 
     @asynccontextmanager

@@ -285,7 +285,7 @@ class Server:
         seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
         return Plan(
             ids, settings.override(max_new_tokens=max_tokens), max_tokens, stop, [seed + i for i in range(body.n)],
-            body.stream, opts.include_usage, opts.include_draft, settle,
+            body.stream, opts.include_usage, opts.include_draft and body.stream, settle,
         )  # fmt: skip
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, default: int) -> int:

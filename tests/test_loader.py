@@ -204,6 +204,12 @@ def test_config_missing_text_config(ckpt):
         load_model(ckpt)
 
 
+def test_untied_checkpoint_is_refused(ckpt):
+    edit_config(ckpt, lambda c: c.update(tie_word_embeddings=False))
+    with pytest.raises(ConfigError, match="untied checkpoints"):
+        load_model(ckpt)
+
+
 def test_config_disagrees_with_weights(ckpt):
     edit_config(ckpt, lambda c: c["text_config"].update(hidden_size=32))
     with pytest.raises(CheckpointError, match="does not match config.json"):

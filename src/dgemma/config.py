@@ -133,6 +133,9 @@ class ModelConfig:
             raise ConfigError(f"model_type {mt!r} is not a DiffusionGemma checkpoint (expected 'diffusion_gemma')")
         if not isinstance(d.get("text_config"), dict):
             raise ConfigError("config.json has no 'text_config' object")
+        if d.get("tie_word_embeddings") is False or d["text_config"].get("tie_word_embeddings") is False:
+            raise ConfigError("untied checkpoints (tie_word_embeddings=false: separate encoder weights and LM head) "
+                              "are not supported")  # fmt: skip
         text = TextConfig.from_dict(d["text_config"])
         eos = d.get("eos_token_id", text.eos_token_id)
         return cls(text=text, canvas_length=_positive_int(d, "canvas_length", 256), eos_token_id=_id_list(eos))

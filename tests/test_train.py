@@ -10,6 +10,7 @@ import torch
 
 from dgemma.bpe import load_corpus_lines
 from dgemma.generate import Pipeline
+from dgemma.loader import load_model
 from dgemma.train import TrainConfig, Trainer, block_masks, corrupt
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "web" / "val.txt.gz"
@@ -78,3 +79,14 @@ def test_resume_continues_from_checkpoint(micro_run):
     assert resumed.step == 60
     resumed.train()
     assert resumed.step == 62
+
+
+def test_warm_start_from_exported_checkpoint(micro_run, tmp_path):
+    tc = micro_run.tc
+    warm = Trainer(
+        TrainConfig(**{**tc.__dict__, "out": str(tmp_path / "warm"), "init_from": str(Path(tc.out) / "model")})
+    )
+    assert warm.step == 0
+    exported = load_model(Path(tc.out) / "model", dtype=torch.float32)
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(warm.model.state_dict()[name], tensor), name

@@ -100,6 +100,8 @@ class Trainer:
         self.config = model_config(tc)
         self.model = DiffusionGemma(self.config)
         init_weights(self.model, tc.seed)
+        if tc.init_from:
+            self._warm_start(Path(tc.init_from))
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -125,6 +127,8 @@ class Trainer:
         from tokenizers import Tokenizer
 
         path = self.out / "tokenizer.json"
+        if not path.is_file() and self.tc.init_from and (Path(self.tc.init_from) / "tokenizer.json").is_file():
+            path.write_bytes((Path(self.tc.init_from) / "tokenizer.json").read_bytes())  # keep the warm start's ids
         if path.is_file():
             return Tokenizer.from_file(str(path))
         tok = train_bpe(load_corpus_lines(self._corpus_file("train")), self.tc.vocab_size)
@@ -260,6 +264,16 @@ class Trainer:
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": round(self.elapsed), "train_config": dataclasses.asdict(self.tc),
                 "val": self.history["val"][-1][1] if self.history["val"] else None}  # fmt: skip
         (path / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _warm_start(self, model_dir: Path) -> None:
+        """Copy the weights of an exported checkpoint (validated by the normal loader) into the fresh model."""
+        from .loader import load_model
+
+        source = load_model(model_dir, dtype=torch.float32)
+        if source.config != self.config:
+            raise ValueError(f"{model_dir} has another architecture than the one requested; pass matching flags")
+        self.model.load_state_dict(source.state_dict())
+        log.info("initialised from %s", model_dir)
 
     def _resume(self) -> None:
         path = self.out / "train_state.pt"

@@ -39,8 +39,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0 = torch default
     bf16: bool = False  # bf16 autocast: 1.6x faster on CPUs with AVX512-BF16/AMX, ~5x slower without (AVX2 only)
+    init_from: str = ""  # warm start: a checkpoint directory of the same shape (weights only; fresh optimizer)
     time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
-
 
 
 def add_train_parser(subparsers) -> None:

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from .config import FULL, GenerationSettings, ModelConfig
-from .loader import expected_tensors
+from .loader import TORCH_DTYPES, expected_tensors
 from .model import DiffusionGemma
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 def config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:

@@ -18,13 +18,12 @@ import torch
 
 from .cache import stack_caches
 from .config import ConfigError, GenerationSettings
-from .loader import load_generation_settings, load_model, resolve_model_dir
+from .loader import TORCH_DTYPES, load_generation_settings, load_model, resolve_model_dir
 from .model import DiffusionGemma
 from .sampler import CanvasSampler, make_generators
 from .tokenizer import Tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass
@@ -210,9 +209,9 @@ class Pipeline:
         model_dir = resolve_model_dir(model_dir or BUNDLED_MODEL, allow_download)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-            dtype = DTYPES[dtype]
+            if dtype not in TORCH_DTYPES:
+                raise ConfigError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+            dtype = TORCH_DTYPES[dtype]
         model = load_model(model_dir, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_dir(model_dir)
         settings = load_generation_settings(model_dir)  # EOS ids only from here, as the reference does

@@ -23,7 +23,8 @@ from .model import DiffusionGemma
 log = logging.getLogger(__name__)
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.json names
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # config.json name -> safetensors name
 ITEM_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
 MAX_HEADER = 100 * 1024 * 1024
@@ -227,4 +228,4 @@ def _warn_non_finite(state: dict[str, torch.Tensor]) -> None:
         log.warning("checkpoint holds NaN/Inf values in %d tensors, e.g. %s", len(bad), bad[:3])
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_model", "load_generation_settings", "resolve_model_dir"]
+__all__ = ["CheckpointError", "ConfigError", "load_generation_settings", "load_model", "resolve_model_dir"]

@@ -47,7 +47,7 @@ class Tokenizer:
             return None
         try:
             tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
-        except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for bad files
             raise ConfigError(f"tokenizer.json cannot be read: {e}") from None
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = read_json(cfg_path) if cfg_path.is_file() else {}

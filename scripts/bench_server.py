@@ -1,25 +1,28 @@
 """Server benchmark: N concurrent streaming clients against `dgemma serve` (in-process, real HTTP on loopback).
 
-For each N in --clients, N client threads each send --requests streaming completions one after another (request k
-of the level always has the same prompt and seed), and the run reports output throughput (completion tokens/s over
-the level's wall time), time to the first streamed text (settled tokens), time to the first canvas commit (server
-side), p50/p99 request latency and the throughput ratio against N=1. Seeded outputs must be identical at every N
-(batching never changes results); the script checks it. Human table first, then one JSON line last.
+Every level serves the same workload: --requests streaming completions (request k: prompt k mod 8, seed 1000 + k),
+taken from a shared queue by N client threads, each sending its next request as soon as its previous one ends. So
+the throughput ratio against the first level is simply the ratio of wall times, for tokens and requests alike (EOS
+positions cannot skew it). Reported per level: completion tokens/s, requests/s, forward passes, time to the first
+streamed text (settled tokens), time to the first canvas commit (server side) and p50/p99 request latency. Seeded
+outputs must be identical at every N (batching never changes results); the script checks it. Human table first, then
+one JSON line last.
 
 The bundled model is the default; when it is missing (or with --random SIZE), a random model is built in a temporary
 directory: "bundled" has scripts/train_bundled.sh's shape (hidden 128, 4 layers, 4 experts top-2, canvas 32, vocab
 4096), "large" hidden 256, 6 layers, canvas 64, vocab 8192. Random weights never stop a canvas early and rarely
 settle text before the commit, so steps are capped (--steps) to keep the run short.
 
-    python scripts/bench_server.py [--model DIR | --random {bundled,large}] [--clients 1,2,4,8] [--requests 2]
+    python scripts/bench_server.py [--model DIR | --random {bundled,large}] [--clients 1,2,4,8] [--requests 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,14 +31,12 @@ from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 from dgemma.bpe import load_corpus_lines, train_bpe
 from dgemma.config import GenerationSettings, ModelConfig
 from dgemma.export import save_model
 from dgemma.generate import BUNDLED_MODEL, Pipeline
 from dgemma.model import DiffusionGemma
-from dgemma.server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -82,22 +83,35 @@ def random_checkpoint(out: Path, size: str) -> Path:
 
 
 class Server:
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+    """`dgemma serve` in its own process, as users run it (clients in this process never share its GIL)."""
+
+    def __init__(self, model_dir: Path, flags: list[str]):
+        self.cmd = [sys.executable, "-m", "dgemma", "serve", "--model", str(model_dir), "--port", "0",
+                    "--model-id", "bench", "--log-level", "warning", *flags]  # fmt: skip
 
     def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return self
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:  # "dgemma: serving bench on http://127.0.0.1:PORT/"
+            if match := re.search(r" on (http://[^\s/]+)", line):
+                self.url = match.group(1)
+                break
+        else:
+            raise SystemExit(f"dgemma serve exited with {self.proc.wait()}")
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep the pipe drained
+        deadline = time.monotonic() + 120
+        while True:  # --processes children start serving after the line above
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("dgemma serve did not become healthy")
+            time.sleep(0.2)
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 def one_request(client: httpx.Client, body: dict) -> dict:
@@ -121,13 +135,20 @@ def one_request(client: httpx.Client, body: dict) -> dict:
             "steps": stats.get("steps_per_canvas")}  # fmt: skip
 
 
-def run_level(url: str, n: int, requests: int, knobs: dict) -> dict:
+def run_level(url: str, n: int, total: int, knobs: dict) -> dict:
+    """`total` requests (request k: prompt k mod 8, seed 1000 + k; the same set at every level) served by `n`
+    client threads that each take the next request as soon as their previous one finishes."""
     results: dict[int, dict] = {}
+    todo = iter(range(total))
+    lock = threading.Lock()
 
     def client(i: int) -> None:
         with httpx.Client(base_url=url, timeout=3600) as c:
-            for r in range(requests):
-                k = i * requests + r
+            while True:
+                with lock:
+                    k = next(todo, None)
+                if k is None:
+                    return
                 body = {"model": "bench", "prompt": PROMPTS[k % len(PROMPTS)], "seed": 1000 + k, "stream": True,
                         **knobs, "stream_options": {"include_usage": True, **knobs.get("stream_options", {})}}  # fmt: skip
                 results[k] = one_request(c, body)
@@ -145,6 +166,7 @@ def run_level(url: str, n: int, requests: int, knobs: dict) -> dict:
     tokens = sum(r["tokens"] for r in results.values())
     return {
         "clients": n, "requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "requests_per_s": len(results) / wall, "forward_passes": sum(sum(r["steps"] or []) for r in results.values()),
         "first_text_p50_s": statistics.median(firsts) if firsts else None,
         "first_commit_p50_s": statistics.median(commits) if commits else None,
         "latency_p50_s": statistics.median(lat), "latency_p99_s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
@@ -161,17 +183,16 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: bundled, else a random one)")
     ap.add_argument("--random", choices=sorted(SIZES), help="benchmark a random model of this size instead")
     ap.add_argument("--clients", default="1,2,4,8", help="comma-separated concurrency levels")
-    ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--requests", type=int, default=32, help="requests per level (the same set at every level)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="max steps per canvas (default: 12 for a random model)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--workers", type=int, default=1, help="engine step groups run side by side")
+    ap.add_argument("--processes", type=int, default=1, help="dgemma serve --processes")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--settle-steps", type=int, default=None, help="stream_options.settle_steps (0: whole canvases)")
     ap.add_argument("--settle-entropy", type=float, default=None, help="stream_options.settle_entropy")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, kind = args.model, "given"
@@ -186,21 +207,22 @@ def main() -> None:
         knobs = {"max_tokens": args.max_tokens, **({"steps": steps} if steps else {})}
         settle = {"settle_steps": args.settle_steps, "settle_entropy": args.settle_entropy}
         knobs["stream_options"] = {k: v for k, v in settle.items() if v is not None}
-        app = create_app(pipe, model_id="bench", max_batch=max(levels), max_queue=max(levels) * 2, workers=args.workers)
-        with Server(app) as srv:
+        flags = ["--max-batch", str(max(levels)), "--max-queue", str(max(levels) * 2)]
+        flags += ["--workers", str(args.workers), "--processes", str(args.processes)]
+        flags += ["--threads", str(args.threads)] if args.threads else []
+        flags += ["--dtype", args.dtype] if args.dtype else []
+        with Server(model_dir, flags) as srv:
             run_level(srv.url, 1, 1, knobs)  # warm-up, outside the timed runs
             rows = [run_level(srv.url, n, args.requests, knobs) for n in levels]
     base = rows[0]["tokens_per_s"]
     ref = rows[0]["texts"]
-    identical = all(r["texts"][k] == ref[k] for r in rows for k in r["texts"] if k in ref)
-    longest = max(rows, key=lambda r: len(r["texts"]))["texts"]
-    identical = identical and all(r["texts"][k] == longest[k] for r in rows for k in r["texts"])
+    identical = all(r["texts"] == ref for r in rows)
     cfg = pipe.model.config
     print(f"model: {kind} {model_dir if kind == 'given' else ''} | hidden {cfg.text.hidden_size}, "
           f"{cfg.text.num_hidden_layers} layers, {cfg.text.num_experts} experts, canvas {cfg.canvas_length}, "
           f"vocab {cfg.text.vocab_size} | "
-          f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, {torch.get_num_threads()} threads, "
-          f"{args.workers} workers, "
+          f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, threads {args.threads or 'default'}, "
+          f"{args.workers} workers, {args.processes} processes, "
           f"settle {knobs['stream_options'] or 'server default'}")  # fmt: skip
     print(f"{'clients':>7} {'reqs':>5} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'ratio':>6} {'1st text':>8} "
           f"{'1st commit':>10} {'p50 s':>6} {'p99 s':>6}")  # fmt: skip
@@ -211,8 +233,10 @@ def main() -> None:
     print(f"seeded outputs identical across concurrency levels: {identical}")
     summary = {
         "model": kind, "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
-        "ratio_at_max": rows[-1]["tokens_per_s"] / base, "identical_outputs": identical,
-        "max_tokens": args.max_tokens, "steps": steps, "threads": torch.get_num_threads(), "workers": args.workers,
+        "ratio_at_max": rows[-1]["tokens_per_s"] / base,
+        "requests_ratio_at_max": rows[-1]["requests_per_s"] / rows[0]["requests_per_s"], "identical_outputs": identical,
+        "max_tokens": args.max_tokens, "steps": steps, "threads": args.threads, "workers": args.workers,
+        "processes": args.processes,
         "settle": knobs["stream_options"],
     }  # fmt: skip
     print(json.dumps(summary))

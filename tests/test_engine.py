@@ -15,7 +15,7 @@ from dgemma.cache import stack_caches
 from dgemma.config import GenerationSettings
 from dgemma.engine import Engine, Failed, Finished, Job, PinnedGeneration, QueueFull, Settle, Tokens
 from dgemma.generate import Generation, StepEvent, denoise_step
-from dgemma.model import SMALL_GEMM_ROWS, _invariant_parts
+from dgemma.model import INVARIANT_ROWS, pad_rows
 
 SETTINGS = GenerationSettings(max_new_tokens=32, steps=4, eos_token_ids=(1,))
 PROMPTS = [[2, 5, 9], [2] + list(range(10, 40)), [2, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
@@ -23,27 +23,29 @@ PROMPTS = [[2, 5, 9], [2] + list(range(10, 40)), [2, 7, 7, 7, 7, 7, 7, 7, 7, 7, 
 
 @pytest.fixture(scope="module")
 def model():
-    # 8 experts over a 16-token canvas: some experts get fewer than SMALL_GEMM_ROWS tokens from a request
+    # 8 experts over a 16-token canvas: some experts get fewer than INVARIANT_ROWS tokens from a request
     return random_model(tiny_config(canvas_length=16, num_experts=8, top_k_experts=2), seed=2)
 
 
 @pytest.mark.parametrize("k, n", [(64, 96), (96, 32), (64, 128), (32, 64), (128, 4096), (4096, 128), (256, 512)])
-def test_gemm_rows_do_not_depend_on_batch_rows_from_the_threshold(k, n):
-    """The BLAS property batch-invariant mode relies on: a GEMM row's result does not depend on how many other
-    rows share the call, once the call has >= SMALL_GEMM_ROWS rows."""
+def test_padded_gemm_rows_do_not_depend_on_the_rest_of_the_call(k, n):
+    """The BLAS property batch-invariant mode relies on: once a call's rows are padded to a multiple of
+    INVARIANT_ROWS, a row's result depends neither on how many other rows share the call nor on its place."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g)
-    for m in [*range(SMALL_GEMM_ROWS, SMALL_GEMM_ROWS + 8), 31, 64, 100]:
+    for m in [1, 3, 5, 11, 12, 16, 17, 31, 64, 100]:
         x = torch.randn(m, k, generator=g)
-        stacked = torch.cat([torch.randn(37, k, generator=g), x, torch.randn(300, k, generator=g)])
-        assert torch.equal(F.linear(stacked, w)[37 : 37 + m], F.linear(x, w))
+        alone = F.linear(pad_rows(x), w)[:m]
+        for before, after in [(37, 300), (5, 2), (0, 100), (64, 0)]:
+            stacked = torch.cat([torch.randn(before, k, generator=g), x, torch.randn(after, k, generator=g)])
+            assert torch.equal(F.linear(pad_rows(stacked), w)[before : before + m], alone)
 
 
-def test_invariant_parts_split_small_groups():
-    parts = _invariant_parts([3, 16, 0, 1, 20], start=5)  # requests 0 and 3 are small, 1 and 4 share a GEMM
-    as_lists = [list(range(p.start, p.stop)) if isinstance(p, slice) else p.tolist() for p in parts]
-    assert as_lists == [[5, 6, 7], [24], list(range(8, 24)) + list(range(25, 45))]
-    assert _invariant_parts([0, 16, 40], start=2) == [slice(2, 58)]  # nothing small: one GEMM, as without batching
+def test_pad_rows():
+    x = torch.randn(5, 3)
+    padded = pad_rows(x)
+    assert padded.shape == (INVARIANT_ROWS, 3) and torch.equal(padded[:5], x) and not padded[5:].any()
+    assert pad_rows(torch.randn(2 * INVARIANT_ROWS, 3)).shape[0] == 2 * INVARIANT_ROWS  # already a multiple
 
 
 def prefilled(model, prompts, seeds):

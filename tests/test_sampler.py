@@ -14,6 +14,8 @@ from dgemma.sampler import (
     gumbel_sample,
     is_stable,
     make_generators,
+    score_canvas,
+    score_canvas_slow,
     temperature,
     token_entropy,
 )
@@ -58,6 +60,30 @@ def test_gumbel_sample_distribution():
 def test_gumbel_sample_survives_zero_uniforms():
     z = torch.tensor([[0.0, 1.0, 2.0]])
     assert gumbel_sample(z, torch.zeros_like(z)).item() in (0, 1, 2)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0, 60.0])  # near-uniform to peaked (underflowing softmax)
+def test_score_canvas_matches_slow_twin(scale):
+    """The fast exponential-race scorer draws the same tokens as the literal Gumbel-max formula on real tensors."""
+    g = torch.Generator().manual_seed(int(scale * 100))
+    for _ in range(10):
+        z = torch.randn(64, 2048, generator=g) * scale
+        z[:8, :3] += 40.0  # a few rows with a dominant token
+        u = torch.rand(z.shape, generator=g)
+        u[0, :7] = 0.0  # torch.rand may return exactly 0
+        slow, fast = score_canvas_slow(z, u.clone()), score_canvas(z, u.clone())
+        assert torch.equal(fast.sampled, slow.sampled)
+        assert torch.equal(fast.argmax, slow.argmax)
+        torch.testing.assert_close(fast.entropy, slow.entropy, atol=2e-5, rtol=1e-5)
+        assert torch.equal(fast.probs, torch.softmax(z, dim=-1, dtype=torch.float32))  # what soft_embedding computes
+
+
+def test_score_canvas_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.7])
+    z = probs.log().expand(40_000, 3).contiguous()
+    u = torch.rand(z.shape, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(score_canvas(z, u).sampled, minlength=3).float() / z.shape[0]
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
 
 
 def test_is_stable():

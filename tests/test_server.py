@@ -5,9 +5,13 @@ auth and the error contract (OpenAI error shape, always 4xx for bad input)."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -500,3 +504,59 @@ def test_serve_reports_busy_port(live, capsys, tmp_path):
     assert main(["serve", "--port", str(live.port), "--model", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot listen") and "Traceback" not in err
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to count the server's processes")
+def test_serve_processes_share_one_port_with_identical_results(pipeline):
+    """`dgemma serve --processes 2`: two spawned server processes on one socket; seeded results are those of a
+    single process (each process batches its own requests, batch invariance does the rest)."""
+    cmd = [sys.executable, "-m", "dgemma", "serve", "--model", str(pipeline.model_dir), "--port", "0",
+           "--model-id", MODEL, "--processes", "2", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "(2 processes)" in line, line
+        url = re.search(r" on (http://[^\s/]+)", line).group(1)
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        wait_for(lambda: _healthy(url), timeout=120)
+        wait_for(lambda: len([k for k in _children(proc.pid) if _is_python(k)]) >= 2, timeout=60)
+        reqs = [(f"Prompt {i} " * (i + 1), 40 + i, 16 * (1 + i % 2)) for i in range(6)]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def run(req):
+            prompt, seed, max_tokens = req
+            r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed)
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(len(reqs)) as pool:
+            served = list(pool.map(run, reqs))
+        assert served == [solo_text(pipeline, p, s, m) for p, s, m in reqs]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _is_python(pid: int) -> bool:
+    try:
+        return "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False

@@ -8,7 +8,10 @@ as `encoder_layer_scalar`). No file I/O, tokenizer, sampling or quantization her
 
 Every fast path has a slow twin selected by a flag: `attention_impl` ("sdpa" | "eager") and `moe_impl`
 ("grouped" | "loop"). `batch_invariant` makes a batch of stacked requests compute each row exactly as it would alone
-(the serving engine needs seeded outputs independent of batch composition; see `attend_rowwise`, `Experts.grouped`).
+(the serving engine needs seeded outputs independent of batch composition): attention runs row by row
+(`attend_rowwise`), and expert and self-conditioning GEMMs pad their rows (`pad_rows`, always on, so the default
+path computes the same bits). Dense GEMMs see B*C rows, which is enough when the canvas is a multiple of
+INVARIANT_ROWS (`generate.denoise_step` runs other canvases one request at a time). Checked on CPU only.
 """
 
 from __future__ import annotations
@@ -84,9 +87,18 @@ def attend_sdpa(q, k, v, allowed):
 
 
 ATTENTION = {"sdpa": attend_sdpa, "eager": attend_eager}
-# MKL sgemm takes other code paths, with other rounding, for few rows (here: < 4 with 1 thread, < 12 with 2); at
-# and above this many rows a row's result does not depend on the row count (tests/test_engine.py checks it)
-SMALL_GEMM_ROWS = 12
+# Batch invariance of GEMMs (see `pad_rows`): MKL sgemm takes other code paths, with other rounding, for few rows
+# (measured: < 4 with 1 thread, < 12 with 2); from 16 rows on a row's result does not depend on the row count or its
+# place in the call (tests/test_engine.py checks it). Elementwise kernels round their scalar tail differently from
+# their vector body, so a row count that is a multiple of 16 also keeps every element in the vector body.
+INVARIANT_ROWS = 16
+
+
+def pad_rows(x: torch.Tensor, multiple: int = INVARIANT_ROWS) -> torch.Tensor:
+    """x [N, K] with zero rows appended up to a multiple of `multiple`, so a GEMM and the elementwise ops after it
+    compute each row the same way whatever else shares the call (slice [:N] afterwards)."""
+    missing = -x.shape[0] % multiple
+    return x if missing == 0 else torch.cat([x, x.new_zeros(missing, *x.shape[1:])])
 
 
 def attend_rowwise(q, k, v, allowed, impl: str = "sdpa"):
@@ -184,29 +196,25 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
 
-    def forward(self, x, weights, idx, impl: str = "grouped", rows: int | None = None):
-        return self.grouped(x, weights, idx, rows) if impl == "grouped" else self.loop(x, weights, idx)
+    def forward(self, x, weights, idx, impl: str = "grouped"):
+        return self.grouped(x, weights, idx) if impl == "grouped" else self.loop(x, weights, idx)
 
-    def grouped(self, x, weights, idx, rows: int | None = None):
-        """Sort the N*K assignments by expert once, run each hit expert on its tokens, scatter-add back.
-        `rows` (batch-invariant mode): x stacks requests of `rows` tokens each; see `_invariant_parts`."""
+    def grouped(self, x, weights, idx):
+        """Sort the N*K assignments by expert once, run each hit expert on its tokens (one GEMM per expert, rows
+        padded by `pad_rows` so a token's result does not depend on which other tokens share the call), and
+        scatter-add back in expert order."""
         k = idx.shape[1]
         flat = idx.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         tokens, w = order // k, weights.reshape(-1)[order]
-        if rows is not None:  # assignments per (expert, request), [E][B]
-            n_req, n_exp = x.shape[0] // rows, len(counts)
-            per_request = torch.bincount(flat[order] * n_req + tokens // rows, minlength=n_exp * n_req)
-            per_request = per_request.view(n_exp, n_req).tolist()
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                parts = [slice(start, start + n)] if rows is None else _invariant_parts(per_request[e], start)
-                for part in parts:
-                    t = tokens[part]
-                    out.index_add_(0, t, (self.expert(e, x[t]) * w[part, None]).to(out.dtype))
+                t = tokens[start : start + n]
+                y = self.expert(e, pad_rows(x[t]))[:n] * w[start : start + n, None]
+                out.index_add_(0, t, y.to(out.dtype))
                 start += n
         return out
 
@@ -218,22 +226,6 @@ class Experts(nn.Module):
                 y = self.expert(int(idx[t, slot]), x[t : t + 1]) * weights[t, slot]
                 out[t : t + 1] += y.to(out.dtype)
         return out
-
-
-def _invariant_parts(counts: list[int], start: int) -> list:
-    """Split one expert's assignments (sorted by request; `counts[r]` from request r, the first at `start`) so each
-    GEMM has the row count it has alone: a request with fewer than SMALL_GEMM_ROWS rows runs by itself, the others
-    share one GEMM (large-M BLAS results do not depend on M)."""
-    if all(c == 0 or c >= SMALL_GEMM_ROWS for c in counts):
-        return [slice(start, start + sum(counts))]
-    parts, large = [], []
-    for c in counts:
-        if 0 < c < SMALL_GEMM_ROWS:
-            parts.append(slice(start, start + c))
-        elif c:
-            large.extend(range(start, start + c))
-        start += c
-    return parts + ([torch.tensor(large)] if large else [])
 
 
 class DecoderLayer(nn.Module):
@@ -263,8 +255,7 @@ class DecoderLayer(nn.Module):
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r1)))
         flat = r1.reshape(-1, r1.shape[-1])  # [B*S, H]
         weights, idx = self.router(flat)  # router sees the raw residual, not a pre-norm output
-        rows = x.shape[1] if invariant and x.shape[0] > 1 else None
-        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx, impl[1], rows)
+        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx, impl[1])
         routed = self.post_feedforward_layernorm_2(routed.view_as(r1))
         out = r1 + self.post_feedforward_layernorm(dense + routed)
         return out * (self.layer_scalar if decoder else self.encoder_layer_scalar), k, v
@@ -313,16 +304,26 @@ class DiffusionGemma(nn.Module):
 
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """softmax_fp32(logits) @ E * sqrt(H): the self-conditioning input [B, C, H] from logits [B, C, V]."""
+        return self.soft_embedding_from_probs(torch.softmax(sc_logits, dim=-1, dtype=torch.float32))
+
+    def soft_embedding_from_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs @ E * sqrt(H) for fp32 probabilities [B, C, V] (cast to the weight dtype first, as the reference);
+        rows padded (`pad_rows`) so each row's result does not depend on the batch."""
         w = self.embed_tokens.weight
-        probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
         scale = torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(w.dtype)
-        return torch.matmul(probs, w) * scale  # [B, C, H]
+        b, c, v = probs.shape
+        rows = pad_rows(probs.reshape(b * c, v).to(w.dtype))
+        return (torch.matmul(rows, w) * scale)[: b * c].view(b, c, -1)  # [B, C, H]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head, fp32, soft-capped."""
         out = F.linear(hidden, self.embed_tokens.weight).float()  # [B, S, V]
         cap = self.text.final_logit_softcapping
-        return out if cap is None else torch.tanh(out / cap) * cap
+        if cap is None:
+            return out
+        if out.requires_grad:  # training
+            return torch.tanh(out / cap) * cap
+        return out.div_(cap).tanh_().mul_(cap)  # in place at inference: same bits, no [B, S, V] temporaries
 
     def rope(self, layer: int, positions: torch.Tensor, dtype: torch.dtype):
         return rope_cos_sin(positions, getattr(self, f"inv_freq_{layer}"), dtype)
@@ -344,7 +345,9 @@ class DiffusionGemma(nn.Module):
         impl = (self.attention_impl, self.moe_impl)
         for i, layer in enumerate(self.layers):
             kpos = torch.cat([cache.positions[i], positions], dim=1)  # [B, T+S]
-            allowed = _causal_allowed(positions, kpos, None if layer.geometry.layer_type == FULL else self.text.sliding_window)
+            allowed = _causal_allowed(
+                positions, kpos, None if layer.geometry.layer_type == FULL else self.text.sliding_window
+            )
             cos, sin = self.rope(i, positions, x.dtype)
             past = (cache.keys[i], cache.values[i])
             x, k, v = layer(x, cos, sin, allowed, past, decoder=False, impl=impl, invariant=self.batch_invariant)

@@ -5,6 +5,9 @@ accepted mask and the stop decision. The schedule, acceptance and stop rules are
 follows dgemma's seeded protocol: canvas init and renoise draw `randint(0, V, (1, C))` from `noise_gen`; sampling
 draws `u = rand((C, V))` from `sample_gen` (Gumbel-max), per step sampling first, then renoise. Generators are
 per request, so results never depend on what else shares a batch.
+
+Per step the vocabulary-wide work is done once by `score_canvas` (fast path: one softmax, one log-softmax, one log
+of u); `token_entropy` + `gumbel_sample` + `argmax` are its slow, literal twin (tests/test_sampler.py compares them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,34 @@ def entropy_bound_mask(entropy: torch.Tensor, bound: float) -> torch.Tensor:
 def gumbel_sample(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One categorical sample per row of z via Gumbel-max with uniforms u (same shape)."""
     return torch.argmax(torch.log_softmax(z, dim=-1) - torch.log(-torch.log(u.clamp_min(1e-20))), dim=-1)
+
+
+@dataclasses.dataclass
+class CanvasScores:
+    """Everything a step needs from the temperature-scaled logits z [C, V]."""
+
+    sampled: torch.Tensor  # [C] Gumbel-max sample (the protocol's draw)
+    argmax: torch.Tensor  # [C]
+    entropy: torch.Tensor  # [C]
+    probs: torch.Tensor  # [C, V] softmax(z) in fp32, reused for self-conditioning
+
+
+def score_canvas(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:
+    """Fast twin of (`gumbel_sample`, `argmax`, `token_entropy`). The sample uses the exponential-race form of
+    Gumbel-max: argmax(log p - log(-log u)) = argmax(p / -log u), one transcendental per entry instead of three.
+    `torch.exp` is avoided on purpose: on CPU it takes a slow path for the underflowing entries a peaked softmax has
+    (10-20x slower); softmax/log_softmax kernels do not. `u` is consumed (overwritten)."""
+    logp = torch.log_softmax(z, dim=-1)
+    probs = torch.softmax(z, dim=-1)
+    entropy = -(logp.clamp_(min=torch.finfo(logp.dtype).min) * probs).sum(-1)
+    race = probs / u.clamp_min_(1e-20).log_().neg_()
+    return CanvasScores(torch.argmax(race, dim=-1), torch.argmax(z, dim=-1), entropy, probs)
+
+
+def score_canvas_slow(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:
+    """Slow twin of `score_canvas`: the protocol's formulas written out literally."""
+    probs = torch.softmax(z, dim=-1)
+    return CanvasScores(gumbel_sample(z, u), torch.argmax(z, dim=-1), token_entropy(z), probs)
 
 
 def is_stable(history: list[torch.Tensor], argmax: torch.Tensor, threshold: int) -> bool:
@@ -76,6 +107,7 @@ class CanvasSampler:
         self.noise_gen, self.sample_gen = noise_gen, sample_gen
         self.canvas = self._noise(canvas_length)  # [C]
         self.sc_logits: torch.Tensor | None = None  # [C, V] temperature-scaled logits of the previous step
+        self.sc_probs: torch.Tensor | None = None  # [C, V] their softmax (fp32)
         self.history: list[torch.Tensor] = []
         self.steps = 0
         self.last: StepResult | None = None
@@ -83,22 +115,27 @@ class CanvasSampler:
     def _noise(self, length: int) -> torch.Tensor:
         return torch.randint(0, self.vocab, (1, length), generator=self.noise_gen)[0].to(self.device)
 
-    def step(self, logits: torch.Tensor) -> StepResult:
-        """Consume this step's raw logits [C, V] (fp32, soft-capped) and advance the canvas."""
+    def draw(self) -> torch.Tensor:
+        """This step's sampling uniforms u [C, V] (CPU). Logits never influence it, so it may run ahead of `step`
+        (the batching code draws on a side thread while the model runs)."""
+        return torch.rand((self.canvas.shape[0], self.vocab), generator=self.sample_gen)
+
+    def step(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> StepResult:
+        """Consume this step's raw logits [C, V] (fp32, soft-capped) and advance the canvas; `u`: this step's
+        `draw()` when it was taken ahead."""
         s = self.settings
         remaining = s.steps - self.steps
         self.steps += 1
         z = logits / temperature(remaining, s.steps, s.t_min, s.t_max).to(logits.device)
-        u = torch.rand(z.shape, generator=self.sample_gen).to(z.device)  # sampling draw first
-        sampled = gumbel_sample(z, u)
-        argmax = torch.argmax(z, dim=-1)
-        entropy = token_entropy(z)
+        u = (self.draw() if u is None else u).to(z.device)  # sampling draw first
+        scores = score_canvas(z, u)
+        argmax, entropy = scores.argmax, scores.entropy
         accepted = entropy_bound_mask(entropy, s.entropy_bound)
-        self.canvas = torch.where(accepted, sampled, self._noise(z.shape[0]))  # then the renoise draw
+        self.canvas = torch.where(accepted, scores.sampled, self._noise(z.shape[0]))  # then the renoise draw
         stable = is_stable(self.history, argmax, s.stability_threshold)
         self.history = (self.history + [argmax])[-max(s.stability_threshold, 1) :]
         confident = bool(entropy.mean() < s.confidence_threshold)
-        self.sc_logits = z
+        self.sc_logits, self.sc_probs = z, scores.probs
         done = (stable and confident) or remaining == 1
         self.last = StepResult(self.steps, self.canvas, argmax, accepted, entropy, done)
         return self.last

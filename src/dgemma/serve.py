@@ -8,7 +8,9 @@ socket (a busy port fails before any weights are read), then load the model.
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
+import json
 import os
 import socket
 import sys
@@ -43,9 +45,13 @@ def add_serve_parser(subparsers) -> None:
     srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
     srv.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     srv.add_argument("--threads", type=positive_int, metavar="N",
-                     help="torch CPU threads (default: torch's choice; on a busy shared CPU 1 can be much faster)")  # fmt: skip
+                     help="torch CPU threads per process (default on CPU: cores / processes - 1, at least 1: a core is "
+                          "left for the HTTP loop)")  # fmt: skip
+    srv.add_argument("--processes", type=positive_int, default=1, metavar="N",
+                     help="CPU: N server processes on one port, each with its own model copy and batching engine "
+                          "(Python runs one thread at a time, so this is how a small model uses several cores)")  # fmt: skip
     srv.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                     help="run a step's batch as N groups side by side (CPU: pair with --threads 1)")  # fmt: skip
+                     help="run a step's batch as N groups side by side in threads")  # fmt: skip
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_serve)
 
@@ -64,17 +70,42 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}", EXIT_FAILURE) from None
     with sock:
-        app = _load_app(args, api_key, loopback)
+        app = _load_app(args, api_key, loopback)  # with --processes too: a bad checkpoint fails here, once
         if not loopback and api_key is None:
             print(f"WARNING: serving on {args.host} WITHOUT authentication", file=sys.stderr)
         import uvicorn
 
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
-        print(f"dgemma: serving {app.state.server.model_id} on http://{host}:{port}/", file=sys.stderr)
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=5, timeout_graceful_shutdown=30)
-        uvicorn.Server(config).run(sockets=[sock])
+        options = {"log_level": args.log_level, "timeout_keep_alive": 5, "timeout_graceful_shutdown": 30}
+        if args.processes == 1:
+            print(f"dgemma: serving {app.state.server.model_id} on http://{host}:{port}/", file=sys.stderr)
+            uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+            return 0
+        from uvicorn.supervisors import Multiprocess
+
+        model_id = app.state.server.model_id
+        del app
+        # children are spawned (fresh interpreters) and rebuild the app from these settings; they share the socket
+        os.environ[CHILD_SETTINGS] = json.dumps({**vars(args), "handler": None, "api_key": api_key,
+                                                 "loopback": loopback})  # fmt: skip
+        config = uvicorn.Config(f"{__name__}:app_from_env", factory=True, workers=args.processes, **options)
+        print(f"dgemma: serving {model_id} on http://{host}:{port}/ ({args.processes} processes)", file=sys.stderr)
+        if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.36 takes the worker function too
+            Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+        else:
+            Multiprocess(config, sockets=[sock]).run()
     return 0
+
+
+CHILD_SETTINGS = "DGEMMA_SERVE_CHILD_SETTINGS"
+
+
+def app_from_env():
+    """uvicorn app factory of a `--processes` child: the parent's checked settings, from the environment."""
+    settings = json.loads(os.environ.pop(CHILD_SETTINGS))
+    api_key, loopback = settings.pop("api_key"), settings.pop("loopback")
+    return _load_app(argparse.Namespace(**settings), api_key, loopback)
 
 
 def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
@@ -86,10 +117,12 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
 
     if args.model is None and not BUNDLED_MODEL.is_dir():
         raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads or device == "cpu":
+        # on CPU one Python thread drives the model: more torch threads than the cores left over only contend
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.processes - 1))
     try:
         pipeline = Pipeline.load(args.model, dtype=args.dtype, device=args.device)
         return create_app(

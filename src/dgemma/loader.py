@@ -8,6 +8,7 @@ implies. Vision-tower tensors are skipped. Nothing in the directory is ever exec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -170,7 +171,7 @@ def load_model(
     if raw_config.get("auto_map"):
         log.warning("config.json has auto_map (remote code); it is ignored, dgemma never imports model-dir code")
     config = ModelConfig.from_dict(raw_config)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_weight_init():
         model = DiffusionGemma(config)
     expected = expected_tensors(model)
     found: dict[str, tuple[str, list, Path]] = {}
@@ -195,6 +196,21 @@ def load_model(
     _materialise_rope(model, device)
     _warn_non_finite(state)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _skip_weight_init():
+    """Meta parameters are replaced by the checkpoint's, so nn.init has nothing to do; on meta tensors it would
+    import torch's compiler stack just to run its decompositions (measured: 1.5-1.9 s of every start-up)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 def load_generation_settings(model_dir: str | os.PathLike) -> GenerationSettings:

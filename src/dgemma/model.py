@@ -50,10 +50,10 @@ def rope_inv_freq(geometry: LayerGeometry, params: dict) -> torch.Tensor:
     d, base = geometry.head_dim, float(params.get("rope_theta", 10_000.0))
     if params.get("rope_type", "default") == "proportional":
         n_rot = int(params.get("partial_rotary_factor", 1.0) * d // 2)
-        rotated = 1.0 / base ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / d)
-        inv = torch.cat([rotated, torch.zeros(d // 2 - n_rot)])
-    else:
-        inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+        rotated = 1.0 / base ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64, device="cpu").float() / d)
+        inv = torch.cat([rotated, torch.zeros(d // 2 - n_rot, device="cpu")])
+    else:  # always on the CPU, also while a model is built on meta (math on meta tensors imports torch's compiler)
+        inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d)
     return inv / float(params.get("factor", 1.0))
 
 

@@ -242,3 +242,16 @@ def test_checkpoint_without_tokenizer_is_id_level(good):
     assert len(result.token_ids) == 8 and result.text == ""
     with pytest.raises(ConfigError, match="no tokenizer.json; pass prompt token ids"):
         pipe.generate("hello", seed=1, max_new_tokens=8, steps=3)
+
+
+def test_non_finite_weights_warn_unless_the_check_is_off(ckpt, caplog):
+    state = load_file(str(ckpt / WEIGHTS))
+    state[EMBED][3, 1] = float("nan")
+    save_file(state, str(ckpt / WEIGHTS), metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="dgemma.loader"):
+        load_model(ckpt)  # small checkpoint: checked by default
+    assert "NaN/Inf" in caplog.text and "embed_tokens.weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dgemma.loader"):
+        load_model(ckpt, check_finite=False)  # what a checkpoint above FINITE_CHECK_BYTES gets by default
+    assert "NaN/Inf" not in caplog.text

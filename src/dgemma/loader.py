@@ -159,10 +159,17 @@ def check_tensors(expected: dict, found: dict[str, tuple[str, list, Path]], dtyp
         raise CheckpointError("checkpoint does not match config.json: " + " | ".join(problems))
 
 
+FINITE_CHECK_BYTES = 2 << 30  # `check_finite=None`: scan checkpoints up to this size for NaN/Inf
+
+
 def load_model(
-    model_dir: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    model_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    check_finite: bool | None = None,
 ) -> DiffusionGemma:
-    """Build on the meta device, validate every tensor, then assign memory-mapped tensors (cast once if needed)."""
+    """Build on the meta device, validate every tensor, then assign memory-mapped tensors (cast once if needed).
+    `check_finite`: warn about NaN/Inf weights (a full pass over the weights; None = only up to 2 GiB)."""
     model_dir = resolve_model_dir(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -194,7 +201,8 @@ def load_model(
                 state[expected[key][0]] = f.get_tensor(key).to(device=device, dtype=target)
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_rope(model, device)
-    _warn_non_finite(state)
+    if check_finite or (check_finite is None and sum(t.nbytes for t in state.values()) <= FINITE_CHECK_BYTES):
+        _warn_non_finite(state)
     return model.eval()
 
 

@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="max steps per canvas (default: 12 for a random model)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--workers", type=int, default=1, help="engine step groups run side by side")
-    ap.add_argument("--processes", type=int, default=1, help="dgemma serve --processes")
+    ap.add_argument("--processes", type=int, default=None, help="dgemma serve --processes (default: the server's)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--settle-steps", type=int, default=None, help="stream_options.settle_steps (0: whole canvases)")
     ap.add_argument("--settle-entropy", type=float, default=None, help="stream_options.settle_entropy")
@@ -208,7 +208,7 @@ def main() -> None:
         settle = {"settle_steps": args.settle_steps, "settle_entropy": args.settle_entropy}
         knobs["stream_options"] = {k: v for k, v in settle.items() if v is not None}
         flags = ["--max-batch", str(max(levels)), "--max-queue", str(max(levels) * 2)]
-        flags += ["--workers", str(args.workers), "--processes", str(args.processes)]
+        flags += ["--workers", str(args.workers)] + (["--processes", str(args.processes)] if args.processes else [])
         flags += ["--threads", str(args.threads)] if args.threads else []
         flags += ["--dtype", args.dtype] if args.dtype else []
         with Server(model_dir, flags) as srv:
@@ -222,7 +222,7 @@ def main() -> None:
           f"{cfg.text.num_hidden_layers} layers, {cfg.text.num_experts} experts, canvas {cfg.canvas_length}, "
           f"vocab {cfg.text.vocab_size} | "
           f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, threads {args.threads or 'default'}, "
-          f"{args.workers} workers, {args.processes} processes, "
+          f"{args.workers} workers, processes {args.processes or 'default'}, "
           f"settle {knobs['stream_options'] or 'server default'}")  # fmt: skip
     print(f"{'clients':>7} {'reqs':>5} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'ratio':>6} {'1st text':>8} "
           f"{'1st commit':>10} {'p50 s':>6} {'p99 s':>6}")  # fmt: skip

@@ -13,6 +13,7 @@ from dgemma.sampler import (
     entropy_bound_mask,
     gumbel_sample,
     is_stable,
+    block_argmax,
     make_generators,
     score_canvas,
     score_canvas_slow,
@@ -76,6 +77,19 @@ def test_score_canvas_matches_slow_twin(scale):
         assert torch.equal(fast.argmax, slow.argmax)
         torch.testing.assert_close(fast.entropy, slow.entropy, atol=2e-5, rtol=1e-5)
         assert torch.equal(fast.probs, torch.softmax(z, dim=-1, dtype=torch.float32))  # what soft_embedding computes
+
+
+@pytest.mark.parametrize("shape", [(5, 4096), (2, 3, 256), (4, 96), (3, 128)])
+def test_block_argmax_is_torch_argmax(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    for scale in (1e-3, 1.0, 100.0):
+        x = torch.randn(shape, generator=g) * scale
+        flat = x.view(-1, shape[-1])
+        flat[0, 7] = flat[0, shape[-1] - 1] = flat[0].max() + 1  # a tie: the first index wins
+        flat[-1] = 2.0  # a constant row
+        assert torch.equal(block_argmax(x), torch.argmax(x, dim=-1))
+        flat[1 % flat.shape[0], 70 % shape[-1]] = float("nan")  # NaN counts as the maximum, as in torch.argmax
+        assert torch.equal(block_argmax(x), torch.argmax(x, dim=-1))
 
 
 def test_score_canvas_distribution():

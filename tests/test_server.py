@@ -4,6 +4,7 @@ auth and the error contract (OpenAI error shape, always 4xx for bad input)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -20,6 +21,7 @@ from serving import CANVAS, LiveServer, server_checkpoint
 
 from dgemma.cli import main
 from dgemma.generate import Pipeline
+from dgemma.engine import Tokens
 from dgemma.server import ChoiceText, create_app
 
 MODEL = "tiny"
@@ -560,3 +562,33 @@ def _is_python(pid: int) -> bool:
         return "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
     except OSError:
         return False
+
+
+def test_inbox_keeps_tokens_and_coalesces_unread_drafts():
+    """A slow reader: many steps' drafts arrive before it reads; it gets every token event in order and only the
+    newest draft between two of them, so memory is bounded by tokens, not steps."""
+    from dgemma.engine import Draft
+    from dgemma.server import Inbox
+
+    def draft(step: int) -> Draft:
+        return Draft(0, step, [step] * 4, [True] * 4, [0.0] * 4, 0)
+
+    async def scenario():
+        inbox = Inbox(asyncio.get_running_loop())
+        deliver0, deliver1 = inbox.deliver_to(0), inbox.deliver_to(1)
+        for step in range(1, 101):  # from the engine thread's side
+            deliver0(draft(step))
+            deliver1(draft(1000 + step))
+            if step in (40, 80):
+                deliver0(Tokens([step], committed=False))
+        await asyncio.sleep(0)  # let the loop run the call_soon_threadsafe callbacks
+        assert inbox.qsize() == 6  # choice 0: draft, tokens, draft, tokens, draft; choice 1: one draft
+        got = [await inbox.get() for _ in range(inbox.qsize())]
+        seen0 = [(type(ev).__name__, ev.step if isinstance(ev, Draft) else ev.ids) for i, ev in got if i == 0]
+        assert seen0 == [("Draft", 40), ("Tokens", [40]), ("Draft", 80), ("Tokens", [80]), ("Draft", 100)]
+        assert [ev.step for i, ev in got if i == 1] == [1100]
+        deliver0(draft(101))  # a read draft is never rewritten: a new one is queued
+        await asyncio.sleep(0)
+        assert (await inbox.get())[1].step == 101
+
+    asyncio.run(scenario())

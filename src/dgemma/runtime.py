@@ -37,3 +37,15 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
             _tuned = mallopt(M_TRIM_THRESHOLD, 2 * size) == 1
             break
     return _tuned
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (after dropping a model the tuned allocator would otherwise keep)."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

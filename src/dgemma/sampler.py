@@ -6,8 +6,8 @@ follows dgemma's seeded protocol: canvas init and renoise draw `randint(0, V, (1
 draws `u = rand((C, V))` from `sample_gen` (Gumbel-max), per step sampling first, then renoise. Generators are
 per request, so results never depend on what else shares a batch.
 
-Per step the vocabulary-wide work is done once by `score_canvas` (fast path: one softmax, one log-softmax, one log
-of u); `token_entropy` + `gumbel_sample` + `argmax` are its slow, literal twin (tests/test_sampler.py compares them).
+Per step the vocabulary-wide work is done once by `score_canvas` (fast path: one softmax, one log of u);
+`token_entropy` + `gumbel_sample` + `argmax` are its slow, literal twin (tests/test_sampler.py compares them).
 """
 
 from __future__ import annotations
@@ -55,15 +55,31 @@ class CanvasScores:
 
 
 def score_canvas(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:
-    """Fast twin of (`gumbel_sample`, `argmax`, `token_entropy`). The sample uses the exponential-race form of
-    Gumbel-max: argmax(log p - log(-log u)) = argmax(p / -log u), one transcendental per entry instead of three.
+    """Fast twin of (`gumbel_sample`, `argmax`, `token_entropy`), one softmax and one log per entry:
+    - the sample uses the exponential-race form of Gumbel-max, argmax(log p - log(-log u)) = argmax(p / -log u);
+    - the entropy uses log p = (z - max z) + log p_max, so no log-softmax pass is needed;
+    - argmaxes go through `block_argmax`.
     `torch.exp` is avoided on purpose: on CPU it takes a slow path for the underflowing entries a peaked softmax has
-    (10-20x slower); softmax/log_softmax kernels do not. `u` is consumed (overwritten)."""
-    logp = torch.log_softmax(z, dim=-1)
+    (10-20x slower); the softmax kernel does not. `u` is consumed (overwritten)."""
     probs = torch.softmax(z, dim=-1)
-    entropy = -(logp.clamp_(min=torch.finfo(logp.dtype).min) * probs).sum(-1)
+    shifted = (z - z.amax(-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)  # -inf logits: 0 * finite, no NaN
+    log_p_max = probs.amax(-1).log_()
+    entropy = -(shifted.mul_(probs).sum(-1) + log_p_max * probs.sum(-1))
     race = probs / u.clamp_min_(1e-20).log_().neg_()
-    return CanvasScores(torch.argmax(race, dim=-1), torch.argmax(z, dim=-1), entropy, probs)
+    return CanvasScores(block_argmax(race), block_argmax(z), entropy, probs)
+
+
+def block_argmax(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """torch.argmax over the last dim (first index of the maximum, NaN counting as maximum) in two passes: the
+    first block whose max is the row's max, then the argmax inside it. ~2x faster on CPU, where argmax is scalar
+    code and amax is vectorised."""
+    *lead, v = x.shape
+    if v % block or v < 2 * block:
+        return torch.argmax(x, dim=-1)
+    blocks = x.reshape(*lead, v // block, block)
+    first = torch.argmax(blocks.amax(-1), dim=-1, keepdim=True)  # [.., 1]
+    inside = torch.take_along_dim(blocks, first[..., None], dim=-2).squeeze(-2)  # [.., block]
+    return (first * block + torch.argmax(inside, dim=-1, keepdim=True)).squeeze(-1)
 
 
 def score_canvas_slow(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:

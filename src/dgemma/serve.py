@@ -47,9 +47,10 @@ def add_serve_parser(subparsers) -> None:
     srv.add_argument("--threads", type=positive_int, metavar="N",
                      help="torch CPU threads per process (default on CPU: cores / processes - 1, at least 1: a core is "
                           "left for the HTTP loop)")  # fmt: skip
-    srv.add_argument("--processes", type=positive_int, default=1, metavar="N",
-                     help="CPU: N server processes on one port, each with its own model copy and batching engine "
-                          "(Python runs one thread at a time, so this is how a small model uses several cores)")  # fmt: skip
+    srv.add_argument("--processes", type=positive_int, metavar="N",
+                     help="server processes on one port, each with its own model copy and batching engine (Python "
+                          "runs one thread at a time, so this is how a small model uses several CPU cores). Default: "
+                          "1 on CUDA; on CPU one per core (at most 4) while the copies fit in a quarter of the RAM")  # fmt: skip
     srv.add_argument("--workers", type=positive_int, default=1, metavar="N",
                      help="run a step's batch as N groups side by side in threads")  # fmt: skip
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -84,8 +85,11 @@ def run_serve(args: argparse.Namespace) -> int:
             return 0
         from uvicorn.supervisors import Multiprocess
 
+        from .runtime import release_memory
+
         model_id = app.state.server.model_id
         del app
+        release_memory()  # the parent only supervises: its checked copy of the model goes
         # children are spawned (fresh interpreters) and rebuild the app from these settings; they share the socket
         os.environ[CHILD_SETTINGS] = json.dumps({**vars(args), "handler": None, "api_key": api_key,
                                                  "loopback": loopback})  # fmt: skip
@@ -99,6 +103,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 CHILD_SETTINGS = "DGEMMA_SERVE_CHILD_SETTINGS"
+MAX_AUTO_PROCESSES = 4
+
+
+def default_processes(pipeline) -> int:
+    """One process per CPU core (at most 4) while that many model copies fit in a quarter of the RAM; 1 on CUDA."""
+    model = pipeline.model
+    if model.embed_tokens.weight.device.type != "cpu":
+        return 1
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES, ram // 4 // max(weights, 1)))
 
 
 def app_from_env():
@@ -117,14 +135,14 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
 
     if args.model is None and not BUNDLED_MODEL.is_dir():
         raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads or device == "cpu":
-        # on CPU one Python thread drives the model: more torch threads than the cores left over only contend
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.processes - 1))
     try:
         pipeline = Pipeline.load(args.model, dtype=args.dtype, device=args.device)
+        args.processes = args.processes or default_processes(pipeline)
+        if args.threads or pipeline.model.embed_tokens.weight.device.type == "cpu":
+            import torch
+
+            # one Python thread drives each model: torch threads beyond the cores left over only contend
+            torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.processes - 1))
         return create_app(
             pipeline, model_id=args.model_id, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
             max_n=args.max_n, max_tokens_cap=args.max_tokens, loopback_only=loopback,

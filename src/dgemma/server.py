@@ -243,6 +243,58 @@ class ChoiceText:
 
 
 # --- the app --------------------------------------------------------------------------------------------------------
+class _DraftSlot:
+    __slots__ = ("draft", "taken")
+
+    def __init__(self, draft: Draft):
+        self.draft, self.taken = draft, False
+
+
+class Inbox:
+    """One request's events from the engine thread, consumed by its response on the event loop. Tokens, Finished
+    and Failed are all kept, in order; a Draft replaces the still-unread Draft of its choice when nothing else came
+    after it. So a client that reads slowly gets the newest canvas, and what waits here is bounded by the request's
+    tokens, not by its number of steps."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.open: dict[int, _DraftSlot] = {}  # choice -> its draft slot still in the queue, nothing after it
+
+    def deliver_to(self, i: int) -> Callable[[object], None]:
+        def deliver(ev) -> None:  # runs on the engine thread
+            try:
+                self.loop.call_soon_threadsafe(self._put, i, ev)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        return deliver
+
+    def _put(self, i: int, ev) -> None:
+        if isinstance(ev, Draft):
+            slot = self.open.get(i)
+            if slot is not None and not slot.taken:
+                slot.draft = ev
+                return
+            self.open[i] = slot = _DraftSlot(ev)
+            ev = slot
+        else:
+            self.open.pop(i, None)
+        self.queue.put_nowait((i, ev))
+
+    def wake(self) -> None:
+        self.queue.put_nowait((-1, None))
+
+    def qsize(self) -> int:
+        return self.queue.qsize()
+
+    async def get(self) -> tuple[int, object]:
+        i, ev = await self.queue.get()
+        if isinstance(ev, _DraftSlot):
+            ev.taken = True
+            ev = ev.draft
+        return i, ev
+
+
 class Server:
     """Request handling state shared by the routes: pipeline, engine, limits."""
 
@@ -344,20 +396,10 @@ class Server:
         return lambda: self.pipeline.prompt_ids(messages=messages)
 
     # --- running ---------------------------------------------------------------------------------------------
-    def submit(self, plan: Plan) -> tuple[list[Job], asyncio.Queue]:
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def deliver_to(i: int):
-            def deliver(ev) -> None:  # runs on the engine thread
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    pass
-
-            return deliver
-
+    def submit(self, plan: Plan) -> tuple[list[Job], Inbox]:
+        inbox = Inbox(asyncio.get_running_loop())
         jobs = [
-            Job(plan.prompt_ids, plan.settings, seed, deliver_to(i), plan.settle, plan.draft)
+            Job(plan.prompt_ids, plan.settings, seed, inbox.deliver_to(i), plan.settle, plan.draft)
             for i, seed in enumerate(plan.seeds)
         ]
         try:
@@ -367,25 +409,25 @@ class Server:
                            "server_error", {"Retry-After": "1"}) from None  # fmt: skip
         except EngineClosed:
             raise APIError(503, "The engine is not running.", None, "engine_unavailable", "server_error") from None
-        return jobs, queue
+        return jobs, inbox
 
-    def cancel(self, jobs: list[Job], queue: asyncio.Queue | None = None) -> None:
+    def cancel(self, jobs: list[Job], inbox: Inbox | None = None) -> None:
         for job in jobs:
             if not job.cancelled:
                 self.engine.cancel(job)
-        if queue is not None:
-            queue.put_nowait((-1, None))  # wakes a waiting consumer
+        if inbox is not None:
+            inbox.wake()  # a waiting consumer ends
 
     def texts(self, plan: Plan) -> list[ChoiceText]:
         eos = set(plan.settings.eos_token_ids)
         return [ChoiceText(self.tokenizer, plan.stop, plan.max_tokens, eos) for _ in plan.seeds]
 
-    async def events(self, plan: Plan, jobs: list[Job], queue: asyncio.Queue) -> AsyncIterator[tuple]:
+    async def events(self, plan: Plan, jobs: list[Job], inbox: Inbox) -> AsyncIterator[tuple]:
         """(kind, index, payload) until every choice has finished: ("text", i, delta), ("draft", i, Draft),
         ("done", i, stats), or ("error", -1, message); stops early when the client went away."""
         texts, pending = self.texts(plan), set(range(len(jobs)))
         while pending:
-            i, ev = await queue.get()
+            i, ev = await inbox.get()
             if i == -1:
                 return
             if i not in pending:
@@ -541,19 +583,19 @@ def _model_card(srv: Server) -> dict:
 
 
 async def _respond(srv: Server, plan: Plan, request: Request, chat: bool) -> Response:
-    jobs, queue = srv.submit(plan)
+    jobs, inbox = srv.submit(plan)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": srv.model_id}  # fmt: skip
     if plan.stream:
-        return EventStream(_sse(srv, plan, jobs, queue, head, chat), lambda: srv.cancel(jobs, queue))
-    collect = asyncio.ensure_future(_collect(srv, plan, jobs, queue, head, chat))
+        return EventStream(_sse(srv, plan, jobs, inbox, head, chat), lambda: srv.cancel(jobs, inbox))
+    collect = asyncio.ensure_future(_collect(srv, plan, jobs, inbox, head, chat))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not collect.done():
-            srv.cancel(jobs, queue)
+            srv.cancel(jobs, inbox)
             collect.cancel()
         gone.cancel()
     if collect.cancelled():
@@ -566,9 +608,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _collect(srv: Server, plan: Plan, jobs, queue, head: dict, chat: bool) -> JSONResponse:
+async def _collect(srv: Server, plan: Plan, jobs, inbox: Inbox, head: dict, chat: bool) -> JSONResponse:
     done: dict[int, dict] = {}
-    async for kind, i, payload in srv.events(plan, jobs, queue):
+    async for kind, i, payload in srv.events(plan, jobs, inbox):
         if kind == "error":
             raise APIError(500, f"Generation failed: {payload}", type="server_error")
         if kind == "done":
@@ -583,7 +625,7 @@ async def _collect(srv: Server, plan: Plan, jobs, queue, head: dict, chat: bool)
     return JSONResponse({**head, "choices": choices, "usage": usage})
 
 
-async def _sse(srv: Server, plan: Plan, jobs, queue, head: dict, chat: bool) -> AsyncIterator[str]:
+async def _sse(srv: Server, plan: Plan, jobs, inbox: Inbox, head: dict, chat: bool) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     extra = {"usage": None} if plan.include_usage else {}
 
@@ -599,7 +641,7 @@ async def _sse(srv: Server, plan: Plan, jobs, queue, head: dict, chat: bool) -> 
         for i in range(len(jobs)):
             yield chunk(i, None, role=True)
     total = 0
-    async for kind, i, payload in srv.events(plan, jobs, queue):
+    async for kind, i, payload in srv.events(plan, jobs, inbox):
         if kind == "text":
             yield chunk(i, payload)
         elif kind == "draft":

@@ -10,10 +10,10 @@ import torch
 from dgemma.config import ConfigError, GenerationSettings
 from dgemma.sampler import (
     CanvasSampler,
+    block_argmax,
     entropy_bound_mask,
     gumbel_sample,
     is_stable,
-    block_argmax,
     make_generators,
     score_canvas,
     score_canvas_slow,

@@ -20,8 +20,8 @@ import pytest
 from serving import CANVAS, LiveServer, server_checkpoint
 
 from dgemma.cli import main
-from dgemma.generate import Pipeline
 from dgemma.engine import Tokens
+from dgemma.generate import Pipeline
 from dgemma.server import ChoiceText, create_app
 
 MODEL = "tiny"

@@ -287,4 +287,3 @@ class Pipeline:
         for event in self.stream_generate(prompt, **kwargs):
             pass
         return event
-

@@ -22,7 +22,7 @@ from .config import ConfigError, GenerationSettings
 from .loader import TORCH_DTYPES, load_generation_settings, load_model, resolve_model_dir
 from .model import INVARIANT_ROWS, DiffusionGemma
 from .runtime import tune_allocator
-from .sampler import CanvasSampler, make_generators
+from .sampler import CanvasSampler, CanvasScores, make_generators, score_canvas
 from .tokenizer import Tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
@@ -132,13 +132,13 @@ class Generation:
             return self.sampler.sc_probs
         return torch.softmax(sc.to(self.model.dtype), dim=-1, dtype=torch.float32)  # reference: logits cast first
 
-    def observe(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> list[StepEvent | CanvasEvent]:
-        """Consume this request's logits [C, V] (and its step's draw, if taken ahead); commit when done."""
-        r = self.sampler.step(logits, u)
+    def observe(self, z: torch.Tensor, scores: CanvasScores) -> list[StepEvent | CanvasEvent]:
+        """Consume this request's temperature-scaled logits [C, V] and their scores; commit when done."""
+        r = self.sampler.advance(z, scores)
         self.forward_passes += 1
         events: list = [StepEvent(
             len(self.steps_per_canvas), r.step, r.argmax.tolist(), r.canvas.tolist(), r.accepted.tolist(),
-            r.entropy.tolist(), float(r.entropy.mean()),
+            r.entropy.tolist(), r.mean_entropy,
         )]  # fmt: skip
         if r.done:
             events.append(self._commit(r.argmax))
@@ -167,13 +167,21 @@ class Generation:
 _draw_pool: ThreadPoolExecutor | None = None
 
 
-def _draw_ahead(generations: list[Generation]) -> Future:
-    """Take this step's sampling draws on a side thread (torch.rand is serial, ~0.7 ms per [32, 4096] canvas on
-    CPU, and releases the GIL), overlapping them with the forward pass. Same generators, same order: same numbers."""
+def _draw_ahead(generations: list[Generation], canvas: int, vocab: int) -> Future:
+    """Take this step's sampling draws [B, C, V] on a side thread (torch.rand is serial, ~0.7 ms per [32, 4096]
+    canvas on CPU, and releases the GIL), overlapping them with the forward pass. Same generators, same order:
+    same numbers."""
     global _draw_pool
     if _draw_pool is None:
         _draw_pool = ThreadPoolExecutor(1, thread_name_prefix="dgemma-draw")
-    return _draw_pool.submit(lambda: [g.sampler.draw() for g in generations])
+
+    def draw() -> torch.Tensor:
+        u = torch.empty(len(generations), canvas, vocab)
+        for g, row in zip(generations, u):
+            g.sampler.draw(out=row)
+        return u
+
+    return _draw_pool.submit(draw)
 
 
 def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[list]:
@@ -182,7 +190,7 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         # dense GEMMs see B*C rows: bitwise batch invariance needs C to be a multiple of INVARIANT_ROWS
         return [denoise_step(model, [g])[0] for g in generations]
     t0 = time.perf_counter()
-    draws = _draw_ahead(generations)
+    draws = _draw_ahead(generations, model.config.canvas_length, model.text.vocab_size)
     canvases = torch.stack([g.sampler.canvas for g in generations])  # [B, C]
     cache = stack_caches([g.cache for g in generations])
     probs = [g.sc_probs() for g in generations]
@@ -199,11 +207,16 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         logits = model.denoise(canvases, cache, soft)  # [B, C, V]
     finally:
         uniforms = draws.result()  # never leave a draw running past the step
+    # every request's temperature at once, then one scoring pass for the batch: fewer, larger kernels, and each
+    # row is computed exactly as it would be alone
+    temperatures = torch.stack([g.sampler.temperature() for g in generations]).to(logits.device)
+    z = logits.div_(temperatures[:, None, None])
+    scores = score_canvas(z, uniforms.to(z.device))
     elapsed = (time.perf_counter() - t0) / len(generations)
     out = []
-    for g, row, u in zip(generations, logits, uniforms):
+    for b, g in enumerate(generations):
         g.denoise_s += elapsed
-        out.append(g.observe(row, u))
+        out.append(g.observe(z[b], scores.row(b)))
     return out
 
 

@@ -13,14 +13,17 @@ Per step the vocabulary-wide work is done once by `score_canvas` (fast path: one
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
 from .config import GenerationSettings
 
 
+@functools.lru_cache(maxsize=4096)
 def temperature(remaining: int, total: int, t_min: float, t_max: float) -> torch.Tensor:
-    """Linear schedule indexed by steps *remaining* (N at the first step, 1 at the last), float32 like the reference."""
+    """Linear schedule indexed by steps *remaining* (N at the first step, 1 at the last), float32 like the reference.
+    Cached (a few tensor ops per request per step otherwise); callers must not modify the result in place."""
     frac = torch.tensor(remaining, dtype=torch.int32) / total
     return t_min + (t_max - t_min) * frac
 
@@ -52,6 +55,11 @@ class CanvasScores:
     argmax: torch.Tensor  # [C]
     entropy: torch.Tensor  # [C]
     probs: torch.Tensor  # [C, V] softmax(z) in fp32, reused for self-conditioning
+
+    def row(self, b: int) -> CanvasScores:
+        """Request b's scores when z was a batch [B, C, V] (every field is computed row by row, so a row equals
+        what scoring that request alone gives)."""
+        return CanvasScores(self.sampled[b], self.argmax[b], self.entropy[b], self.probs[b])
 
 
 def score_canvas(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:
@@ -111,6 +119,7 @@ class StepResult:
     argmax: torch.Tensor  # [C] current answer candidate
     accepted: torch.Tensor  # [C] bool
     entropy: torch.Tensor  # [C] per-position entropy of the temperature-scaled distribution
+    mean_entropy: float
     done: bool  # stable and confident, or out of steps
 
 
@@ -131,27 +140,37 @@ class CanvasSampler:
     def _noise(self, length: int) -> torch.Tensor:
         return torch.randint(0, self.vocab, (1, length), generator=self.noise_gen)[0].to(self.device)
 
-    def draw(self) -> torch.Tensor:
-        """This step's sampling uniforms u [C, V] (CPU). Logits never influence it, so it may run ahead of `step`
-        (the batching code draws on a side thread while the model runs)."""
-        return torch.rand((self.canvas.shape[0], self.vocab), generator=self.sample_gen)
+    def draw(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This step's sampling uniforms u [C, V] (CPU; into `out` if given). Logits never influence it, so it may
+        run ahead of `step` (the batching code draws on a side thread while the model runs)."""
+        return torch.rand((self.canvas.shape[0], self.vocab), generator=self.sample_gen, out=out)
+
+    def temperature(self) -> torch.Tensor:
+        """This step's temperature (0-dim float32): the logits are divided by it before scoring."""
+        s = self.settings
+        return temperature(s.steps - self.steps, s.steps, s.t_min, s.t_max)
 
     def step(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> StepResult:
         """Consume this step's raw logits [C, V] (fp32, soft-capped) and advance the canvas; `u`: this step's
-        `draw()` when it was taken ahead."""
+        `draw()` when it was taken ahead. (Batches score all rows at once and call `advance` per request.)"""
+        z = logits / self.temperature().to(logits.device)
+        u = (self.draw() if u is None else u).to(z.device)  # sampling draw first
+        return self.advance(z, score_canvas(z, u))
+
+    def advance(self, z: torch.Tensor, scores: CanvasScores) -> StepResult:
+        """Accept, renoise and decide to stop, given this step's temperature-scaled logits z [C, V] and their
+        `score_canvas`."""
         s = self.settings
         remaining = s.steps - self.steps
         self.steps += 1
-        z = logits / temperature(remaining, s.steps, s.t_min, s.t_max).to(logits.device)
-        u = (self.draw() if u is None else u).to(z.device)  # sampling draw first
-        scores = score_canvas(z, u)
         argmax, entropy = scores.argmax, scores.entropy
         accepted = entropy_bound_mask(entropy, s.entropy_bound)
-        self.canvas = torch.where(accepted, scores.sampled, self._noise(z.shape[0]))  # then the renoise draw
+        self.canvas = torch.where(accepted, scores.sampled, self._noise(z.shape[-2]))  # then the renoise draw
         stable = is_stable(self.history, argmax, s.stability_threshold)
         self.history = (self.history + [argmax])[-max(s.stability_threshold, 1) :]
-        confident = bool(entropy.mean() < s.confidence_threshold)
+        mean = entropy.mean()
+        confident = bool(mean < s.confidence_threshold)  # compared in float32, as the reference does
         self.sc_logits, self.sc_probs = z, scores.probs
         done = (stable and confident) or remaining == 1
-        self.last = StepResult(self.steps, self.canvas, argmax, accepted, entropy, done)
+        self.last = StepResult(self.steps, self.canvas, argmax, accepted, entropy, float(mean), done)
         return self.last

@@ -1,12 +1,12 @@
-"""Server benchmark: N concurrent streaming clients against `dgemma serve` (in-process, real HTTP on loopback).
+"""Server benchmark: N concurrent streaming clients against `dgemma serve` (its own process, real HTTP on loopback).
 
 Every level serves the same workload: --requests streaming completions (request k: prompt k mod 8, seed 1000 + k),
 taken from a shared queue by N client threads, each sending its next request as soon as its previous one ends. So
 the throughput ratio against the first level is simply the ratio of wall times, for tokens and requests alike (EOS
 positions cannot skew it). Reported per level: completion tokens/s, requests/s, forward passes, time to the first
 streamed text (settled tokens), time to the first canvas commit (server side) and p50/p99 request latency. Seeded
-outputs must be identical at every N (batching never changes results); the script checks it. Human table first, then
-one JSON line last.
+outputs must be identical at every N (batching never changes results); the script checks it. The levels run in
+turn --rounds times and each level's rounds are pooled. Human table first, then one JSON line last.
 
 The bundled model is the default; when it is missing (or with --random SIZE), a random model is built in a temporary
 directory: "bundled" has scripts/train_bundled.sh's shape (hidden 128, 4 layers, 4 experts top-2, canvas 32, vocab
@@ -14,6 +14,7 @@ directory: "bundled" has scripts/train_bundled.sh's shape (hidden 128, 4 layers,
 settle text before the commit, so steps are capped (--steps) to keep the run short.
 
     python scripts/bench_server.py [--model DIR | --random {bundled,large}] [--clients 1,2,4,8] [--requests 32]
+                                  [--rounds 2] [--processes N] [--threads N]
 """
 
 from __future__ import annotations
@@ -174,6 +175,23 @@ def run_level(url: str, n: int, total: int, knobs: dict) -> dict:
     }  # fmt: skip
 
 
+def merge(runs: list[dict]) -> dict:
+    """One level's rounds as one row: throughput over the summed wall time, medians of the per-round figures, and
+    the texts of every round (they must agree)."""
+    if len(runs) == 1:
+        return runs[0]
+    wall, tokens, requests = (sum(r[k] for r in runs) for k in ("wall_s", "tokens", "requests"))
+    row = {"clients": runs[0]["clients"], "requests": requests, "tokens": tokens, "wall_s": wall,
+           "tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
+           "forward_passes": sum(r["forward_passes"] for r in runs), "rounds_tokens_per_s": [r["tokens_per_s"] for r in runs]}  # fmt: skip
+    for key in ("first_text_p50_s", "first_commit_p50_s", "latency_p50_s", "latency_p99_s"):
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    texts = runs[0]["texts"]
+    row["texts"] = texts if all(r["texts"] == texts for r in runs) else {}
+    return row
+
+
 def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -184,6 +202,9 @@ def main() -> None:
     ap.add_argument("--random", choices=sorted(SIZES), help="benchmark a random model of this size instead")
     ap.add_argument("--clients", default="1,2,4,8", help="comma-separated concurrency levels")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (the same set at every level)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="run the levels in turn this many times (1, 8, 1, 8, ...): slow drifts of a shared machine "
+                         "then hit every level alike")  # fmt: skip
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="max steps per canvas (default: 12 for a random model)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -213,7 +234,8 @@ def main() -> None:
         flags += ["--dtype", args.dtype] if args.dtype else []
         with Server(model_dir, flags) as srv:
             run_level(srv.url, 1, 1, knobs)  # warm-up, outside the timed runs
-            rows = [run_level(srv.url, n, args.requests, knobs) for n in levels]
+            runs = [run_level(srv.url, n, args.requests, knobs) for _ in range(args.rounds) for n in levels]
+    rows = [merge([r for r in runs if r["clients"] == n]) for n in levels]
     base = rows[0]["tokens_per_s"]
     ref = rows[0]["texts"]
     identical = all(r["texts"] == ref for r in rows)

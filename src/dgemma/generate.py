@@ -99,9 +99,9 @@ class Generation:
                 f"prompt ({len(prompt_ids)} tokens) + {self.max_canvases} canvas(es) of {self.canvas_length} "
                 f"exceeds the model's {limit} positions"
             )
-        self.noise_gen, self.sample_gen = make_generators(seed)
-        self.cache = model.new_cache()
         self.device = model.embed_tokens.weight.device
+        self.noise_gen, self.sample_gen = make_generators(seed, self.device)
+        self.cache = model.new_cache()
         self.token_ids: list[int] = []
         self.steps_per_canvas: list[int] = []
         self.forward_passes = 0
@@ -167,18 +167,21 @@ class Generation:
 _draw_pool: ThreadPoolExecutor | None = None
 
 
-def _draw_ahead(generations: list[Generation], canvas: int, vocab: int) -> Future:
+def _draw_ahead(generations: list[Generation], canvas: int, vocab: int, device: torch.device) -> Future:
     """Take this step's sampling draws [B, C, V] on a side thread (torch.rand is serial, ~0.7 ms per [32, 4096]
     canvas on CPU, and releases the GIL), overlapping them with the forward pass. Same generators, same order:
-    same numbers."""
+    same numbers. Seeded requests draw on the CPU (the protocol) and are copied to `device`."""
     global _draw_pool
     if _draw_pool is None:
         _draw_pool = ThreadPoolExecutor(1, thread_name_prefix="dgemma-draw")
 
     def draw() -> torch.Tensor:
-        u = torch.empty(len(generations), canvas, vocab)
+        u = torch.empty(len(generations), canvas, vocab, device=device)
         for g, row in zip(generations, u):
-            g.sampler.draw(out=row)
+            if g.sample_gen.device == row.device:
+                g.sampler.draw(out=row)
+            else:
+                row.copy_(g.sampler.draw())
         return u
 
     return _draw_pool.submit(draw)
@@ -190,7 +193,8 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         # dense GEMMs see B*C rows: bitwise batch invariance needs C to be a multiple of INVARIANT_ROWS
         return [denoise_step(model, [g])[0] for g in generations]
     t0 = time.perf_counter()
-    draws = _draw_ahead(generations, model.config.canvas_length, model.text.vocab_size)
+    device = model.embed_tokens.weight.device
+    draws = _draw_ahead(generations, model.config.canvas_length, model.text.vocab_size, device)
     canvases = torch.stack([g.sampler.canvas for g in generations])  # [B, C]
     cache = stack_caches([g.cache for g in generations])
     probs = [g.sc_probs() for g in generations]
@@ -211,7 +215,7 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
     # row is computed exactly as it would be alone
     temperatures = torch.stack([g.sampler.temperature() for g in generations]).to(logits.device)
     z = logits.div_(temperatures[:, None, None])
-    scores = score_canvas(z, uniforms.to(z.device))
+    scores = score_canvas(z, uniforms)
     elapsed = (time.perf_counter() - t0) / len(generations)
     out = []
     for b, g in enumerate(generations):

@@ -103,11 +103,15 @@ def is_stable(history: list[torch.Tensor], argmax: torch.Tensor, threshold: int)
     return len(history) >= threshold and all(torch.equal(h, argmax) for h in history[-threshold:])
 
 
-def make_generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
-    """(noise_gen, sample_gen) on the CPU: seeded S and S+1, or fresh entropy."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
-    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+def make_generators(seed: int | None, device: str | torch.device = "cpu") -> tuple[torch.Generator, torch.Generator]:
+    """(noise_gen, sample_gen): seeded S and S+1 on the CPU (the protocol: the same numbers on every machine), or
+    fresh entropy on `device` (unseeded requests promise no reproducibility, so an accelerator draws its own
+    [C, V] uniforms instead of the CPU making and copying them every step)."""
+    if seed is not None:
+        return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    device = torch.device(device)
+    fresh = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
+    return torch.Generator(device).manual_seed(fresh), torch.Generator(device).manual_seed(fresh + 1)
 
 
 @dataclasses.dataclass
@@ -138,12 +142,15 @@ class CanvasSampler:
         self.last: StepResult | None = None
 
     def _noise(self, length: int) -> torch.Tensor:
-        return torch.randint(0, self.vocab, (1, length), generator=self.noise_gen)[0].to(self.device)
+        g = self.noise_gen
+        return torch.randint(0, self.vocab, (1, length), generator=g, device=g.device)[0].to(self.device)
 
     def draw(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """This step's sampling uniforms u [C, V] (CPU; into `out` if given). Logits never influence it, so it may
-        run ahead of `step` (the batching code draws on a side thread while the model runs)."""
-        return torch.rand((self.canvas.shape[0], self.vocab), generator=self.sample_gen, out=out)
+        """This step's sampling uniforms u [C, V] on the generator's device (into `out` if given). Logits never
+        influence it, so it may run ahead of `step` (the batching code draws on a side thread while the model
+        runs)."""
+        g = self.sample_gen
+        return torch.rand((self.canvas.shape[0], self.vocab), generator=g, device=g.device, out=out)
 
     def temperature(self) -> torch.Tensor:
         """This step's temperature (0-dim float32): the logits are divided by it before scoring."""

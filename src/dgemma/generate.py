@@ -167,12 +167,15 @@ class Generation:
 _draw_pool: ThreadPoolExecutor | None = None
 
 
-def _draw_ahead(generations: list[Generation], canvas: int, vocab: int, device: torch.device) -> Future:
+def _draw_ahead(generations: list[Generation], canvas: int, vocab: int, device: torch.device,
+                inline: bool = False) -> Future:  # fmt: skip
     """Take this step's sampling draws [B, C, V] on a side thread (torch.rand is serial, ~0.7 ms per [32, 4096]
     canvas on CPU, and releases the GIL), overlapping them with the forward pass. Same generators, same order:
-    same numbers. Seeded requests draw on the CPU (the protocol) and are copied to `device`."""
+    same numbers. Seeded requests draw on the CPU (the protocol) and are copied to `device`. `inline`: draw now,
+    on this thread (when torch's threads already take every core, a side thread only slows their barriers:
+    measured 0.92x the speed of drawing inline with 2 threads on 2 cores)."""
     global _draw_pool
-    if _draw_pool is None:
+    if _draw_pool is None and not inline:
         _draw_pool = ThreadPoolExecutor(1, thread_name_prefix="dgemma-draw")
 
     def draw() -> torch.Tensor:
@@ -184,6 +187,10 @@ def _draw_ahead(generations: list[Generation], canvas: int, vocab: int, device: 
                 row.copy_(g.sampler.draw())
         return u
 
+    if inline:
+        done: Future = Future()
+        done.set_result(draw())
+        return done
     return _draw_pool.submit(draw)
 
 
@@ -194,7 +201,8 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         return [denoise_step(model, [g])[0] for g in generations]
     t0 = time.perf_counter()
     device = model.embed_tokens.weight.device
-    draws = _draw_ahead(generations, model.config.canvas_length, model.text.vocab_size, device)
+    draws = _draw_ahead(generations, model.config.canvas_length, model.text.vocab_size, device,
+                        inline=device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1))  # fmt: skip
     canvases = torch.stack([g.sampler.canvas for g in generations])  # [B, C]
     cache = stack_caches([g.cache for g in generations])
     probs = [g.sc_probs() for g in generations]

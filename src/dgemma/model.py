@@ -96,9 +96,12 @@ INVARIANT_ROWS = 16
 
 def pad_rows(x: torch.Tensor, multiple: int = INVARIANT_ROWS) -> torch.Tensor:
     """x [N, K] with zero rows appended up to a multiple of `multiple`, so a GEMM and the elementwise ops after it
-    compute each row the same way whatever else shares the call (slice [:N] afterwards)."""
+    compute each row the same way whatever else shares the call (slice [:N] afterwards). CPU only: GPU libraries
+    pick kernels by shape in ways padding does not pin down, and there the extra rows would only cost."""
     missing = -x.shape[0] % multiple
-    return x if missing == 0 else torch.cat([x, x.new_zeros(missing, *x.shape[1:])])
+    if missing == 0 or x.device.type != "cpu":
+        return x
+    return torch.cat([x, x.new_zeros(missing, *x.shape[1:])])
 
 
 def attend_rowwise(q, k, v, allowed, impl: str = "sdpa"):

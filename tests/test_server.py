@@ -592,3 +592,10 @@ def test_inbox_keeps_tokens_and_coalesces_unread_drafts():
         assert (await inbox.get())[1].step == 101
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("flag", [["--processes", "0"], ["--processes", "two"], ["--threads", "-1"]])
+def test_serve_bad_process_flags_are_one_line_errors(flag, capsys):
+    assert main(["serve", "--port", "0", *flag]) == 2
+    err = capsys.readouterr().err
+    assert flag[0] in err and "Traceback" not in err

@@ -67,7 +67,9 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, settings: GenerationS
     dtype = dtype or model.dtype
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
-    tensors = {key: state[name].detach().to("cpu", dtype).contiguous() for key, (name, _) in expected_tensors(model).items()}
+    tensors = {
+        key: state[name].detach().to("cpu", dtype).contiguous() for key, (name, _) in expected_tensors(model).items()
+    }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_dict(model.config, dtype), indent=2) + "\n")
     settings = settings or GenerationSettings()

@@ -143,7 +143,9 @@ def read_header(path: Path) -> dict[str, dict]:
 def check_tensors(expected: dict, found: dict[str, tuple[str, list, Path]], dtype_name: str | None) -> None:
     """Raise with the first mismatches if names, shapes or dtypes differ from what the config implies."""
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(k for k in set(found) - set(expected) if not k.startswith(SKIPPED_PREFIXES) and k != "lm_head.weight")
+    unexpected = sorted(
+        k for k in set(found) - set(expected) if not k.startswith(SKIPPED_PREFIXES) and k != "lm_head.weight"
+    )
     wrong = []
     for key in sorted(set(expected) & set(found)):
         dtype, shape, _ = found[key]

@@ -13,8 +13,9 @@ from tiny import random_model, tiny_config
 
 from dgemma.cache import stack_caches
 from dgemma.config import GenerationSettings
-from dgemma.engine import Engine, Failed, Finished, Job, PinnedGeneration, QueueFull, Settle, Tokens
-from dgemma.generate import Generation, StepEvent, denoise_step
+from dgemma.engine import Engine, Failed, Finished, Job, QueueFull
+from dgemma.generate import CanvasEvent, Generation, Request, SettleEvent, Settle, denoise_step
+from dgemma.sampler import StepResult
 from dgemma.model import INVARIANT_ROWS, pad_rows
 
 SETTINGS = GenerationSettings(max_new_tokens=32, steps=4, eos_token_ids=(1,))
@@ -49,7 +50,7 @@ def test_pad_rows():
 
 
 def prefilled(model, prompts, seeds):
-    gens = [Generation(model, p, SETTINGS, s) for p, s in zip(prompts, seeds)]
+    gens = [Generation(model, Request(tuple(p), SETTINGS, s, draft=True)) for p, s in zip(prompts, seeds)]
     for g in gens:
         g.prefill()
     return gens
@@ -76,36 +77,63 @@ def test_batched_denoise_is_bitwise_solo(model):
         model.batch_invariant = False
 
 
-def step_event(draft, entropy):
+def step_result(draft, entropy, done=False):
     c = len(draft)
-    return StepEvent(0, 1, list(draft), list(draft), [True] * c, list(entropy), sum(entropy) / c)
+    t = torch.tensor(draft)
+    return StepResult(1, t, t, torch.ones(c, dtype=torch.bool), torch.tensor(entropy), sum(entropy) / c, done)
+
+
+def settling(model, rule):
+    gen = Generation(model, Request((2, 5), SETTINGS, 0, settle=rule))
+    gen.prefill()
+    return gen
 
 
 def test_settle_pins_a_stable_prefix_and_the_commit_keeps_it(model):
-    gen = PinnedGeneration(model, [2, 5], SETTINGS, 0)
-    gen.prefill()
+    gen = settling(model, Settle(steps=2, entropy=0.1))
     c = gen.canvas_length
-    rule = Settle(steps=2, entropy=0.1)
     low, high = [0.01] * c, [0.01, 0.01, 0.5] + [0.01] * (c - 3)
     a = [20 + i for i in range(c)]
-    assert gen.settle(step_event(a, low), rule) == []  # seen once: not stable yet
-    assert gen.settle(step_event(a, high), rule) == a[:2]  # position 2 is unsure, so the prefix stops there
+    assert gen._settle(step_result(a, low)) == []  # seen once: not stable yet
+    assert gen._settle(step_result(a, high)) == a[:2]  # position 2 is unsure, so the prefix stops there
     b = a[:3] + [99] + a[4:]
-    assert gen.settle(step_event(b, low), rule) == a[2:3]  # position 3 changed: its run restarts
-    final = torch.tensor([7] * c)
-    event = gen._commit(final)
-    assert event.token_ids == a[:3] + [7] * (c - 3)  # pins kept, the rest is the final argmax
-    assert gen.pins == [] and gen.committed_pins == a[:3]
+    assert gen._settle(step_result(b, low)) == a[2:3]  # position 3 changed: its run restarts
+    pins = gen.sampler.pins
+    assert pins.fixed.tolist() == [True] * 3 + [False] * (c - 3) and pins.tokens[:3].tolist() == a[:3]
+    assert pins.apply(torch.full((c,), 7)).tolist() == a[:3] + [7] * (c - 3)  # the model input holds them
+
+
+def test_settled_tokens_hold_in_the_real_canvas_and_commit(model):
+    """End to end through the sampler: once released, a token is in every later model input and in the commit."""
+    gen = settling(model, Settle(steps=1, entropy=10.0))  # everything settles after one step
+    released = []
+    for e in denoise_step(model, [gen])[0]:
+        released += e.token_ids if isinstance(e, SettleEvent) else []
+    assert released and gen.sampler.canvas[: len(released)].tolist() == released
+    while not gen.finished:
+        for e in denoise_step(model, [gen])[0]:
+            if isinstance(e, SettleEvent) and e.canvas_index == 0:
+                released += e.token_ids
+            elif isinstance(e, CanvasEvent) and e.canvas_index == 0:
+                assert e.token_ids[: len(released)] == released and e.new_ids == e.token_ids[len(released) :]
 
 
 def test_settle_stops_after_eos(model):
-    gen = PinnedGeneration(model, [2, 5], SETTINGS, 0)
-    gen.prefill()
+    gen = settling(model, Settle(steps=1, entropy=1.0))
     draft = [30, 1, 31] + [32] * (gen.canvas_length - 3)
-    rule = Settle(steps=1, entropy=1.0)
-    assert gen.settle(step_event(draft, [0.0] * len(draft)), rule) == [30, 1]
-    assert gen.settle(step_event(draft, [0.0] * len(draft)), rule) == []
-    assert gen._commit(torch.tensor(draft)).token_ids == [30, 1] and gen.finish_reason == "stop"
+    assert gen._settle(step_result(draft, [0.0] * len(draft))) == [30, 1]
+    assert gen._settle(step_result(draft, [0.0] * len(draft))) == []
+    event = gen._commit(step_result(draft, [0.0] * len(draft), done=True))
+    assert event.token_ids == [30, 1] and event.new_ids == [] and gen.finish_reason == "stop"
+
+
+def test_settle_respects_the_token_budget(model):
+    gen = Generation(model, Request((2, 5), SETTINGS.override(max_new_tokens=3), 0, settle=Settle(1, 1.0)))
+    gen.prefill()
+    draft = list(range(30, 30 + gen.canvas_length))
+    assert gen._settle(step_result(draft, [0.0] * len(draft))) == draft[:3]
+    event = gen._commit(step_result(draft, [0.0] * len(draft), done=True))
+    assert event.token_ids == draft[:3] and gen.token_ids == draft[:3] and gen.finish_reason == "length"
 
 
 class Collector:
@@ -120,7 +148,7 @@ class Collector:
 
 def job(prompt, seed, settings=SETTINGS, **kw):
     c = Collector()
-    return Job(prompt, settings, seed, c, **kw), c
+    return Job(Request(tuple(prompt), settings, seed, **kw), c), c
 
 
 def wait_for(predicate, timeout=10.0):
@@ -139,8 +167,8 @@ def test_engine_matches_solo_generation_and_reports_tokens(model, workers):
         for (j, c), prompt, seed in zip(jobs, PROMPTS, [5, 6, 7]):
             assert c.done.wait(30)
             fin = c.events[-1]
-            streamed = [t for e in c.events if isinstance(e, Tokens) for t in e.ids]
-            ref = Generation(model, prompt, SETTINGS, seed)
+            streamed = [t for e in c.events if isinstance(e, CanvasEvent) for t in e.new_ids]
+            ref = Generation(model, Request(tuple(prompt), SETTINGS, seed))
             ref.prefill()
             while not ref.finished:
                 denoise_step(model, [ref])

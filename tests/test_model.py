@@ -8,7 +8,7 @@ from tiny import random_model, tiny_config
 
 from dgemma.config import GenerationSettings
 from dgemma.export import save_model
-from dgemma.generate import Generation, denoise_step
+from dgemma.generate import Generation, Request, denoise_step
 from dgemma.loader import load_model
 
 
@@ -71,7 +71,7 @@ def test_low_precision_forward(saved, model, inputs, dtype):
 
 
 def solo(model, prompt, settings, seed):
-    g = Generation(model, prompt, settings, seed)
+    g = Generation(model, Request(tuple(prompt), settings, seed))
     g.prefill()
     while not g.finished:
         denoise_step(model, [g])
@@ -89,7 +89,7 @@ def test_batched_denoise_equals_solo(model):
         (list(range(40, 61)), base.override(max_new_tokens=16, stability_threshold=2, entropy_bound=0.3), 22),
     ]
     expected = [solo(model, *r) for r in requests]
-    gens = [Generation(model, *r) for r in requests]
+    gens = [Generation(model, Request(tuple(p), st, sd)) for p, st, sd in requests]
     for g in gens:
         g.prefill()
     shared = 0

@@ -191,7 +191,9 @@ def test_generate_second_architecture_other_knobs(ref_variant):
     }
     dg = ref_variant.pipe.generate(prompt_ids=prompt, seed=11, **knobs)
     hf, _ = hf_generate(ref_variant.model, prompt, 11, **knobs)
-    assert dg.token_ids == hf and len(dg.token_ids) == 48  # 40 rounded up to whole canvases of 16
+    # the reference returns 40 rounded up to whole canvases of 16; dgemma runs the same canvases and returns
+    # exactly the 40 tokens asked for
+    assert len(hf) == 48 and dg.token_ids == hf[:40] and dg.finish_reason == "length"
 
 
 def test_generate_second_architecture_early_stop_and_eos(ref_variant):

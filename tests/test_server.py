@@ -20,9 +20,8 @@ import pytest
 from serving import CANVAS, LiveServer, server_checkpoint
 
 from dgemma.cli import main
-from dgemma.engine import Tokens
 from dgemma.generate import Pipeline
-from dgemma.server import ChoiceText, create_app
+from dgemma.server import create_app
 
 MODEL = "tiny"
 KEY = "s3cret-key"
@@ -221,41 +220,6 @@ def test_stop_strings(client, http, pipeline):
     assert cs[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-class CharTokenizer:
-    """One character per token id (id = code point)."""
-
-    def decode(self, ids, skip_special=True):
-        return "".join(map(chr, ids))
-
-
-@pytest.mark.parametrize(
-    "text, stop, expect",
-    [
-        ("abcdef", ["cd"], ["a", "b", "", "", "", "", ""]),  # "c" waits (it may start "cd"), then the stop hits
-        ("abcxef", ["cd"], ["a", "b", "", "cx", "e", "f", ""]),  # held back, then released
-        ("xyz", ["yz1"], ["x", "", "", "yz"]),  # a stop prefix left at the very end is flushed
-    ],
-)
-def test_stop_holdback_is_append_only(text, stop, expect):
-    ct = ChoiceText(CharTokenizer(), stop, max_tokens=100, eos={0})
-    deltas = [ct.push([ord(c)]) for c in text] + [ct.push([], "length")]
-    assert deltas == expect
-
-
-def test_max_tokens_truncates_and_utf8_is_never_split():
-    ct = ChoiceText(CharTokenizer(), [], max_tokens=3, eos={0})
-    assert ct.push([ord("a"), ord("b")]) == "ab" and ct.push([ord("c"), ord("d")]) == "c"
-    assert ct.finish_reason == "length" and ct.ids == [97, 98, 99]
-
-    class Bytes:  # a tokenizer that can split a character across tokens
-        def decode(self, ids, skip_special=True):
-            return bytes(ids).decode("utf-8", errors="replace")
-
-    ct = ChoiceText(Bytes(), [], max_tokens=10, eos=set())
-    euro = list("€".encode())
-    assert ct.push(euro[:2]) == "" and ct.push(euro[2:]) == "€"
-
-
 # --- batching, cancellation, overload -----------------------------------------------------------------------------
 def test_concurrent_requests_match_solo(client, live, pipeline):
     reqs = [(f"{'Some prompt ' * (i + 1)}number {i}", 100 + i, 16 * (1 + i % 3), 4 + i % 3) for i in range(6)]
@@ -365,7 +329,7 @@ BAD_BODIES = [
     ("stop", {"stop": "x" * 300}), ("stream", {"stream": "yes"}), ("steps", {"steps": 0}), ("steps", {"steps": 5000}),
     ("entropy_bound", {"entropy_bound": -1.0}), (None, {"t_min": 0.9, "t_max": 0.5}),
     ("temperature", {"temperature": 0.7}), ("top_p", {"top_p": 0.5}), ("logprobs", {"logprobs": 2}),
-    ("echo", {"echo": True}), ("suffix", {"suffix": "end"}), ("best_of", {"best_of": 2}),
+    ("echo", {"echo": True}), ("suffix", {"suffix": 5}), ("best_of", {"best_of": 2}),
     ("logit_bias", {"logit_bias": {"5": 10}}), ("presence_penalty", {"presence_penalty": 1.0}),
     ("chat_template", {"chat_template": "{{ 7 * 7 }}"}), ("chat_template_kwargs", {"chat_template_kwargs": {}}),
     ("prompt", {"prompt": ""}), ("prompt", {"prompt": "   "}), ("prompt", {"prompt": []}),
@@ -386,7 +350,7 @@ BAD_CHAT = [
     ("messages[0]", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
     ("messages[0]", {"messages": [{"role": "user", "content": None}]}), ("messages", {"messages": "hi"}),
     ("messages[0]", {"messages": [{"role": "user", "content": 5}]}), ("tools", {"tools": [{"type": "function"}]}),
-    ("tool_choice", {"tool_choice": "auto"}), ("response_format", {"response_format": {"type": "json_object"}}),
+    ("tool_choice", {"tool_choice": "auto"}), ("response_format", {"response_format": {"type": "yaml"}}),
     ("top_logprobs", {"top_logprobs": 3}), ("logprobs", {"logprobs": True}),
     ("max_completion_tokens", {"max_completion_tokens": 0}),
 ]  # fmt: skip
@@ -567,11 +531,11 @@ def _is_python(pid: int) -> bool:
 def test_inbox_keeps_tokens_and_coalesces_unread_drafts():
     """A slow reader: many steps' drafts arrive before it reads; it gets every token event in order and only the
     newest draft between two of them, so memory is bounded by tokens, not steps."""
-    from dgemma.engine import Draft
-    from dgemma.server import Inbox
+    from dgemma.frontend import Inbox
+    from dgemma.generate import SettleEvent, StepEvent
 
-    def draft(step: int) -> Draft:
-        return Draft(0, step, [step] * 4, [True] * 4, [0.0] * 4, 0)
+    def draft(step: int) -> StepEvent:
+        return StepEvent(0, step, [step] * 4, [step] * 4, [True] * 4, [0.0] * 4, 0.0)
 
     async def scenario():
         inbox = Inbox(asyncio.get_running_loop())
@@ -580,12 +544,13 @@ def test_inbox_keeps_tokens_and_coalesces_unread_drafts():
             deliver0(draft(step))
             deliver1(draft(1000 + step))
             if step in (40, 80):
-                deliver0(Tokens([step], committed=False))
+                deliver0(SettleEvent(0, [step]))
         await asyncio.sleep(0)  # let the loop run the call_soon_threadsafe callbacks
         assert inbox.qsize() == 6  # choice 0: draft, tokens, draft, tokens, draft; choice 1: one draft
         got = [await inbox.get() for _ in range(inbox.qsize())]
-        seen0 = [(type(ev).__name__, ev.step if isinstance(ev, Draft) else ev.ids) for i, ev in got if i == 0]
-        assert seen0 == [("Draft", 40), ("Tokens", [40]), ("Draft", 80), ("Tokens", [80]), ("Draft", 100)]
+        seen0 = [(type(ev).__name__, ev.step if isinstance(ev, StepEvent) else ev.token_ids) for i, ev in got if i == 0]
+        assert seen0 == [("StepEvent", 40), ("SettleEvent", [40]), ("StepEvent", 80), ("SettleEvent", [80]),
+                         ("StepEvent", 100)]
         assert [ev.step for i, ev in got if i == 1] == [1100]
         deliver0(draft(101))  # a read draft is never rewritten: a new one is queued
         await asyncio.sleep(0)

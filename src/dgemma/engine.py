@@ -1,16 +1,12 @@
-"""Serving engine: one worker thread owns the model and runs every active request in shared denoise steps.
+"""Serving engine: pure scheduling. One worker thread owns the model and runs every active request in shared
+denoise steps.
 
-Requests wait in a bounded FIFO. Between steps the worker drops cancelled requests, admits queued ones up to
-`max_batch` (prefill), and advances all active ones with one batched `denoise_step`, so requests with different
-prompt lengths and step counts join and leave freely. The model runs in `batch_invariant` mode, so a seeded request
-gives the same tokens alone or in any batch. Each request's events go back through its own `deliver` callback (the
-server wraps `loop.call_soon_threadsafe`). It knows nothing about text, HTTP or asyncio.
-
-Early settlement (`Settle`, used for streaming): a position of the current canvas is *settled* once it and every
-position before it kept the same argmax for `steps` consecutive steps with entropy below `entropy`. Settled tokens
-are reported at once and *pinned*: the committed canvas keeps them even if the final argmax would differ. The
-reference commits the last argmax wholesale, so pinning is a deliberate deviation, applied only to requests that ask
-for it; without it outputs match `Pipeline.generate` token for token.
+Requests (`generate.Request`, unchanged from the boundary) wait in a bounded FIFO. Between steps the worker drops
+cancelled jobs, admits queued ones up to `max_batch` (prefill), and advances all active ones with one batched
+`denoise_step`, so requests with different prompt lengths, step counts and pins join and leave freely. The model runs
+in `batch_invariant` mode, so a seeded request gives the same tokens alone or in any batch. Each job's events (the
+Generation's own StepEvent / SettleEvent / CanvasEvent, then Finished or Failed) go back through its `deliver`
+callback (the server wraps `loop.call_soon_threadsafe`). It knows nothing about text, HTTP or asyncio.
 """
 
 from __future__ import annotations
@@ -24,10 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-from .config import GenerationSettings
-from .generate import CanvasEvent, Generation, StepEvent, denoise_step
+from .generate import CanvasEvent, Generation, Request, SettleEvent, denoise_step
 from .model import DiffusionGemma
 
 log = logging.getLogger(__name__)
@@ -41,35 +34,6 @@ class EngineClosed(RuntimeError):
     """The engine is stopped or its worker died."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Settle:
-    """When a canvas position counts as settled (see the module docstring)."""
-
-    steps: int = 3
-    entropy: float = 0.1
-
-
-# --- events delivered to a job's callback (from the worker thread) --------------------------------------------------
-@dataclasses.dataclass
-class Tokens:
-    """New tokens appended to the output; never retracted. `committed`: they come from a canvas commit."""
-
-    ids: list[int]
-    committed: bool
-
-
-@dataclasses.dataclass
-class Draft:
-    """One denoising step of the current canvas (opt-in): what would be committed now, and how sure the model is."""
-
-    canvas_index: int
-    step: int
-    tokens: list[int]
-    accepted: list[bool]
-    entropy: list[float]
-    settled: int  # positions of this canvas already reported (pinned)
-
-
 @dataclasses.dataclass
 class Finished:
     finish_reason: str  # "stop" (EOS) or "length"
@@ -77,9 +41,11 @@ class Finished:
     steps_per_canvas: list[int]
     forward_passes: int
     queued_s: float  # submit -> admission
-    first_token_s: float | None  # submit -> first reported token
+    first_token_s: float | None  # submit -> first released token
     first_commit_s: float | None  # submit -> first canvas commit
     total_s: float
+    seam_nll: float | None  # Generation.seam_nll (infill scoring)
+    free_entropy: list[float]
 
 
 @dataclasses.dataclass
@@ -89,59 +55,17 @@ class Failed:
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One generation request. `cancelled` may be set from any thread; the worker drops the job before its next step."""
+    """One request on its way through the engine. `cancelled` may be set from any thread; the worker drops the job
+    before its next step."""
 
-    prompt_ids: list[int]
-    settings: GenerationSettings
-    seed: int | None
+    request: Request
     deliver: Callable[[object], None]
-    settle: Settle | None = None
-    draft: bool = False
     cancelled: bool = False
-    gen: PinnedGeneration | None = None
+    gen: Generation | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     admitted: float | None = None
     first_token: float | None = None
     first_commit: float | None = None
-    sent_in_canvas: int = 0
-
-
-class PinnedGeneration(Generation):
-    """A Generation that can report a settled prefix of its canvas early and keeps it when committing."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pins: list[int] = []
-        self.committed_pins: list[int] = []  # the pins of the canvas committed last
-        self.runs: list[int] = []  # per position: consecutive steps with the current argmax
-        self.prev: list[int] | None = None
-
-    def settle(self, ev: StepEvent, rule: Settle) -> list[int]:
-        """Extend the pinned prefix with positions that are now settled; returns the newly pinned tokens."""
-        draft = ev.draft
-        if self.prev is None:
-            self.runs = [1] * len(draft)
-        else:
-            self.runs = [r + 1 if a == b else 1 for r, a, b in zip(self.runs, draft, self.prev)]
-        self.prev = draft
-        eos = set(self.settings.eos_token_ids)
-        n = len(self.pins)
-        if n and self.pins[-1] in eos:
-            return []  # the canvas ends here
-        while n < len(draft) and self.runs[n] >= rule.steps and ev.entropy[n] < rule.entropy:
-            n += 1
-            if draft[n - 1] in eos:
-                break
-        new = draft[len(self.pins) : n]
-        self.pins += new
-        return new
-
-    def _commit(self, argmax: torch.Tensor) -> CanvasEvent:
-        if self.pins:
-            argmax = argmax.clone()
-            argmax[: len(self.pins)] = torch.tensor(self.pins, dtype=argmax.dtype, device=argmax.device)
-        self.committed_pins, self.pins, self.runs, self.prev = self.pins, [], [], None
-        return super()._commit(argmax)
 
 
 class Engine:
@@ -264,7 +188,7 @@ class Engine:
     def _admit(self, job: Job) -> None:
         job.admitted = time.perf_counter()
         try:
-            job.gen = PinnedGeneration(self.model, job.prompt_ids, job.settings, job.seed)
+            job.gen = Generation(self.model, job.request)
             job.gen.prefill()
         except Exception as e:  # a bad request must not take the worker down
             log.exception("prefill failed")
@@ -306,33 +230,19 @@ class Engine:
 
     def _deliver(self, job: Job, events: list) -> None:
         gen = job.gen
-        committing = any(isinstance(e, CanvasEvent) for e in events)
         for ev in events:
-            if isinstance(ev, StepEvent):
-                if job.settle is not None and not committing:
-                    new = gen.settle(ev, job.settle)
-                    if new:
-                        job.first_token = job.first_token or time.perf_counter()
-                        job.sent_in_canvas += len(new)
-                        job.deliver(Tokens(new, committed=False))
-                if job.draft:
-                    pins = gen.committed_pins if committing else gen.pins
-                    tokens = pins + ev.draft[len(pins) :]
-                    job.deliver(Draft(ev.canvas_index, ev.step, tokens, ev.accepted, ev.entropy, len(pins)))
-            else:
+            if isinstance(ev, (SettleEvent, CanvasEvent)):
                 now = time.perf_counter()
-                job.first_commit = job.first_commit or now
-                assert ev.token_ids[: job.sent_in_canvas] == gen.committed_pins[: job.sent_in_canvas]
-                new = ev.token_ids[job.sent_in_canvas :]
-                job.sent_in_canvas = 0
-                if new:
+                if isinstance(ev, CanvasEvent):
+                    job.first_commit = job.first_commit or now
+                if ev.token_ids:
                     job.first_token = job.first_token or now
-                    job.deliver(Tokens(new, committed=True))
+            job.deliver(ev)
         if gen.finished:
             self.counters["finished"] += 1
             t0 = job.submitted
             job.deliver(Finished(
                 gen.finish_reason, gen.token_ids, gen.steps_per_canvas, gen.forward_passes, job.admitted - t0,
                 job.first_token and job.first_token - t0, job.first_commit and job.first_commit - t0,
-                time.perf_counter() - t0,
+                time.perf_counter() - t0, gen.seam_nll, gen.free_entropy,
             ))  # fmt: skip

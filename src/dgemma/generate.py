@@ -1,8 +1,18 @@
-"""Generation: prompt -> canvases -> text, as one event stream (spec d.1).
+"""Generation: one `Request` -> canvases -> tokens, as one event stream (spec d.1); infill and inline edit on pins.
 
-`Generation` is the state machine of one request (prefill, denoise steps, commit, next canvas, finish); `denoise_step`
-advances any number of them with one shared batched forward pass, so the single-request `stream_generate` and the
-server's batching engine run the same code. `Pipeline` bundles a loaded model, tokenizer and default settings.
+- `Request` is the only request type: built once at the boundary (Python API, CLI, server) and carried unchanged to
+  `Generation`, the state machine of one request (prefill, denoise steps, settle, commit, next canvas, finish).
+- `Layout` pins output positions (fixed tokens, vocabulary limits, a commit-time chooser for structured output);
+  `Settle` pins a canvas's settled prefix so streamed text is never retracted. Both become the sampler's `Pins`,
+  the one mechanism that decides what a canvas holds besides the model.
+- `denoise_step` advances any number of generations with one batched forward, so the single-request
+  `stream_generate`, `infill` candidates and the server's engine run the same code.
+- `Pipeline` bundles a loaded model, tokenizer and default settings; `stream_generate` is the centre that the CLI,
+  the server's text layer and the benchmarks share. Text is made only by `text.TextStream`.
+
+Infill: the prefix goes to the encoder, the suffix is pinned after a gap of L free positions (in a later canvas when
+L is long), and several L run side by side in one batch; `choose_infill` keeps the candidate whose fill best
+explains the suffix (see its docstring). An edit is an infill of a span with everything around it fixed.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,42 +32,116 @@ from .config import ConfigError, GenerationSettings
 from .loader import TORCH_DTYPES, load_generation_settings, load_model, resolve_model_dir
 from .model import INVARIANT_ROWS, DiffusionGemma
 from .runtime import tune_allocator
-from .sampler import CanvasSampler, CanvasScores, make_generators, score_canvas
+from .sampler import CanvasSampler, CanvasScores, Pins, StepResult, make_generators, score_canvas
+from .text import TextStream
 from .tokenizer import Tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
+SEAM_TOKENS = 4  # suffix tokens right after the gap that score an infill candidate
 
 
+# --- the request ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Settle:
+    """Settled-prefix streaming: a canvas position is settled once it and every position before it kept the same
+    argmax for `steps` consecutive steps with entropy below `entropy` (nats). Settled tokens are released at once
+    and pinned, so the commit keeps them (the reference would commit the last argmax: a deliberate deviation, made
+    only for requests that ask for it)."""
+
+    steps: int = 3
+    entropy: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """Pins by output position (0 = the first new token; position p lives in canvas p // C at slot p % C).
+    `fixed`: position -> token id. `masks` [M, V] bool with `mask_at`: position -> row (allowed tokens).
+    `finalize(start, logprobs [C, V]) -> {position: token}`: chooses the tokens of a canvas at commit (structured
+    output picks a grammar-valid path); the settled prefix never passes a position it may change (`mask_at`).
+    `probe` (position, count): at the commit of the canvas holding `position`, renoise `count` positions from there
+    and score how well the model restores them (`Generation.seam_nll`, infill scoring)."""
+
+    fixed: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    masks: torch.Tensor | None = None
+    mask_at: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    finalize: Callable[[int, torch.Tensor], dict[int, int]] | None = None
+    probe: tuple[int, int] | None = None
+
+    @property
+    def end(self) -> int:
+        """One past the last position the layout constrains."""
+        return max([*self.fixed, *self.mask_at], default=-1) + 1
+
+    def pins(self, canvas_index: int, canvas_length: int, device) -> Pins | None:
+        lo, hi = canvas_index * canvas_length, (canvas_index + 1) * canvas_length
+        fixed = {p - lo: t for p, t in self.fixed.items() if lo <= p < hi}
+        mask_at = {p - lo: m for p, m in self.mask_at.items() if lo <= p < hi}
+        if not fixed and not mask_at:
+            return None
+        return Pins(canvas_length, fixed, self.masks, mask_at, device=device)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Request:
+    """Everything one generation needs. `settings.max_new_tokens` is the exact token budget (canvases are rounded
+    up, the output never is). `draft`: emit a StepEvent per denoising step."""
+
+    prompt_ids: tuple[int, ...]
+    settings: GenerationSettings
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    layout: Layout | None = None
+    settle: Settle | None = None
+    draft: bool = False
+
+    @property
+    def max_tokens(self) -> int:
+        return self.settings.max_new_tokens
+
+
+# --- events -----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StepEvent:
-    """One denoising step of the current canvas."""
+    """One denoising step of the current canvas (only for requests with `draft`)."""
 
     canvas_index: int
     step: int
-    draft: list[int]  # argmax canvas (what the text would be if committed now)
-    canvas: list[int]  # next model input: accepted samples + fresh noise
+    draft: list[int]  # argmax canvas with pins (what would be committed now)
+    canvas: list[int]  # next model input: accepted samples + fresh noise + pins
     accepted: list[bool]
     entropy: list[float]  # per position, temperature-scaled distribution
-    mean_entropy: float
+    mean_entropy: float  # over free positions
+    settled: int = 0  # positions of this canvas already released (settled prefix)
+    fixed: list[bool] | None = None  # pinned positions (None: nothing pinned)
+
+
+@dataclasses.dataclass
+class SettleEvent:
+    """Tokens of the current canvas released before its commit (settled prefix, pinned from now on)."""
+
+    canvas_index: int
+    token_ids: list[int]
+    text: str = ""  # set by the text layer
 
 
 @dataclasses.dataclass
 class CanvasEvent:
-    """A committed canvas: its kept tokens (cut after the first EOS) and the newly settled text."""
+    """A committed canvas: its kept tokens (cut after the first EOS and at the budget)."""
 
     canvas_index: int
     token_ids: list[int]
-    text: str  # text delta since the previous CanvasEvent
+    new_ids: list[int]  # those not already released by SettleEvents
     steps: int
     finished: bool
+    text: str = ""  # set by the text layer: the text delta this commit released
 
 
 @dataclasses.dataclass
 class GenerationResult:
     prompt_ids: list[int]
-    token_ids: list[int]  # new tokens up to and including the first EOS (all when none)
+    token_ids: list[int]  # new tokens (at most max_new_tokens) up to and including the first EOS
     text: str
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
     steps_per_canvas: list[int]
     forward_passes: int
     prefill_s: float
@@ -79,39 +163,55 @@ class GenerationResult:
         return d
 
 
+# --- the state machine ------------------------------------------------------------------------------------------------
 class Generation:
-    """One request: prefill its prompt into its own cache, then denoise and commit canvases until EOS or length."""
+    """One request: prefill its prompt into its own cache, then denoise and commit canvases until EOS or budget."""
 
-    def __init__(self, model: DiffusionGemma, prompt_ids: list[int], settings: GenerationSettings,
-                 seed: int | None = None):  # fmt: skip
-        vocab = model.text.vocab_size
-        if not prompt_ids:
+    def __init__(self, model: DiffusionGemma, request: Request):
+        vocab, ids = model.text.vocab_size, request.prompt_ids
+        if not ids:
             raise ConfigError("the prompt is empty; give at least one token")
-        if bad := [i for i in prompt_ids if not 0 <= i < vocab]:
+        if bad := [i for i in ids if not 0 <= i < vocab]:
             raise ConfigError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        self.model, self.settings, self.seed = model, settings, seed
-        self.prompt_ids = list(prompt_ids)
-        self.canvas_length = model.config.canvas_length
-        self.max_canvases = math.ceil(settings.max_new_tokens / self.canvas_length)
+        layout = request.layout
+        if layout is not None and any(not 0 <= t < vocab for t in layout.fixed.values()):
+            raise ConfigError(f"pinned token ids must be in [0, {vocab})")
+        self.model, self.request, self.settings = model, request, request.settings
+        self.canvas_length = c = model.config.canvas_length
+        self.max_canvases = math.ceil(request.max_tokens / c)
         limit = model.text.max_position_embeddings
-        if len(prompt_ids) + self.max_canvases * self.canvas_length > limit:
+        if len(ids) + self.max_canvases * c > limit:
             raise ConfigError(
-                f"prompt ({len(prompt_ids)} tokens) + {self.max_canvases} canvas(es) of {self.canvas_length} "
-                f"exceeds the model's {limit} positions"
+                f"prompt ({len(ids)} tokens) + {self.max_canvases} canvas(es) of {c} exceeds the model's {limit} "
+                "positions"
             )
         self.device = model.embed_tokens.weight.device
-        self.noise_gen, self.sample_gen = make_generators(seed, self.device)
+        self.noise_gen, self.sample_gen = make_generators(request.seed, self.device)
         self.cache = model.new_cache()
+        self.eos = frozenset(self.settings.eos_token_ids)
         self.token_ids: list[int] = []
         self.steps_per_canvas: list[int] = []
         self.forward_passes = 0
         self.finish_reason: str | None = None
         self.sampler: CanvasSampler | None = None
+        self.released: list[int] = []  # tokens of the current canvas already released (settled prefix)
+        self.seam_nll: float | None = None  # layout.probe's score
+        self.free_entropy: list[float] = []  # per committed canvas: final mean entropy of its free positions
         self.prefill_s = self.denoise_s = 0.0
+        self._runs: list[int] = []
+        self._prev: list[int] | None = None
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def canvas_index(self) -> int:
+        return len(self.steps_per_canvas)
 
     def prefill(self) -> None:
         t0 = time.perf_counter()
@@ -120,8 +220,11 @@ class Generation:
         self._new_canvas()
 
     def _new_canvas(self) -> None:
+        c, layout = self.canvas_length, self.request.layout
+        pins = layout.pins(self.canvas_index, c, self.device) if layout is not None else None
         v = self.model.text.vocab_size
-        self.sampler = CanvasSampler(self.settings, self.canvas_length, v, self.noise_gen, self.sample_gen, self.device)
+        self.sampler = CanvasSampler(self.settings, c, v, self.noise_gen, self.sample_gen, self.device, pins)
+        self.released, self._runs, self._prev = [], [], None
 
     def sc_probs(self) -> torch.Tensor | None:
         """Self-conditioning probabilities [C, V] (fp32) for the next step; None on a canvas's first step."""
@@ -132,36 +235,99 @@ class Generation:
             return self.sampler.sc_probs
         return torch.softmax(sc.to(self.model.dtype), dim=-1, dtype=torch.float32)  # reference: logits cast first
 
-    def observe(self, z: torch.Tensor, scores: CanvasScores) -> list[StepEvent | CanvasEvent]:
-        """Consume this request's temperature-scaled logits [C, V] and their scores; commit when done."""
+    def observe(self, z: torch.Tensor, scores: CanvasScores) -> list:
+        """Consume this request's temperature-scaled, constrained logits [C, V] and their scores; settle or commit."""
         r = self.sampler.advance(z, scores)
         self.forward_passes += 1
-        events: list = [StepEvent(
-            len(self.steps_per_canvas), r.step, r.argmax.tolist(), r.canvas.tolist(), r.accepted.tolist(),
-            r.entropy.tolist(), r.mean_entropy,
-        )]  # fmt: skip
+        events: list = []
+        settled = []
+        if not r.done and self.request.settle is not None:
+            settled = self._settle(r)
+        if self.request.draft:
+            pins = self.sampler.pins
+            fixed = pins.fixed.tolist() if pins is not None and pins.count else None
+            events.append(StepEvent(
+                self.canvas_index, r.step, r.argmax.tolist(), r.canvas.tolist(), r.accepted.tolist(),
+                r.entropy.tolist(), r.mean_entropy, len(self.released), fixed,
+            ))  # fmt: skip
+        if settled:
+            events.append(SettleEvent(self.canvas_index, settled))
         if r.done:
-            events.append(self._commit(r.argmax))
+            events.append(self._commit(r))
         return events
 
-    def _commit(self, argmax: torch.Tensor) -> CanvasEvent:
-        """Keep the argmax canvas (cut after the first EOS); encode it into the cache if generation continues."""
-        tokens = argmax.tolist()
-        eos = set(self.settings.eos_token_ids)
-        cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), None)
-        kept = tokens if cut is None else tokens[:cut]
+    def _settle(self, r: StepResult) -> list[int]:
+        """Extend the released prefix with positions that are now settled; pin and return them."""
+        rule, pins = self.request.settle, self.sampler.pins
+        draft, entropy = r.argmax.tolist(), r.entropy.tolist()
+        prev = self._prev or [-1] * len(draft)
+        self._runs = [n + 1 if a == b else 1 for n, a, b in zip(self._runs or [0] * len(draft), draft, prev)]
+        self._prev = draft
+        n = len(self.released)
+        if n and self.released[-1] in self.eos:
+            return []  # the canvas ends here
+        fixed = pins.fixed.tolist() if pins is not None and pins.count else [False] * len(draft)
+        layout = self.request.layout
+        chosen_later = layout.mask_at if layout is not None and layout.finalize is not None else {}
+        start = self.canvas_index * self.canvas_length
+        limit = min(len(draft), self.request.max_tokens - len(self.token_ids))
+        while n < limit and (start + n) not in chosen_later:
+            if not (fixed[n] or (self._runs[n] >= rule.steps and entropy[n] < rule.entropy)):
+                break
+            n += 1
+            if draft[n - 1] in self.eos:
+                break
+        new = draft[len(self.released) : n]
+        if new:
+            self.sampler.pin(list(range(len(self.released), n)), new)
+            self.released = draft[:n]
+        return new
+
+    def _commit(self, r: StepResult) -> CanvasEvent:
+        """Keep the argmax canvas (pins applied; cut after the first EOS and at the budget); encode it into the
+        cache if generation continues."""
+        canvas = r.argmax
+        layout, start = self.request.layout, self.canvas_index * self.canvas_length
+        if layout is not None and layout.finalize is not None:
+            chosen = layout.finalize(start, torch.log_softmax(self.sampler.sc_logits, dim=-1))
+            if chosen:
+                canvas = canvas.clone()
+                idx = torch.tensor([p - start for p in chosen], dtype=torch.long, device=canvas.device)
+                canvas[idx] = torch.tensor(list(chosen.values()), dtype=canvas.dtype, device=canvas.device)
+        if layout is not None and layout.probe is not None and start <= layout.probe[0] < start + self.canvas_length:
+            self.seam_nll = self._probe(canvas, layout.probe[0] - start, layout.probe[1])
+        self.free_entropy.append(r.mean_entropy)
+        tokens = canvas.tolist()
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in self.eos), None)
+        kept = (tokens if cut is None else tokens[:cut])[: self.request.max_tokens - len(self.token_ids)]
+        assert kept[: len(self.released)] == self.released, "a released token changed"
+        new = kept[len(self.released) :]
         self.token_ids += kept
         self.steps_per_canvas.append(self.sampler.steps)
-        if cut is not None:
+        if any(t in self.eos for t in kept):
             self.finish_reason = "stop"
-        elif len(self.steps_per_canvas) >= self.max_canvases:
+        elif len(self.token_ids) >= self.request.max_tokens or self.canvas_index >= self.max_canvases:
             self.finish_reason = "length"
         else:
             t0 = time.perf_counter()
-            self.model.encode(argmax[None], self.cache)  # same positions it was denoised at (spec d.1)
+            self.model.encode(canvas[None], self.cache)  # same positions it was denoised at (spec d.1)
             self.prefill_s += time.perf_counter() - t0
             self._new_canvas()
-        return CanvasEvent(len(self.steps_per_canvas) - 1, kept, "", self.sampler.steps, self.finished)
+        return CanvasEvent(self.canvas_index - 1, kept, new, self.steps_per_canvas[-1], self.finished)
+
+    def _probe(self, canvas: torch.Tensor, at: int, count: int) -> float:
+        """Mean NLL of canvas[at : at + count] when those positions are replaced by uniform noise and the rest of
+        the canvas stays (one extra forward, no self-conditioning, its own seeded noise). A pinned token's own
+        NLL says nothing (the model copies a clean input), but restoring the first suffix tokens from the prefix
+        and the fill measures how well the fill leads into them."""
+        hi = min(at + count, canvas.shape[0])
+        g = torch.Generator().manual_seed((self.request.seed or 0) + 2)
+        x = canvas.clone()
+        x[at:hi] = torch.randint(0, self.model.text.vocab_size, (hi - at,), generator=g).to(x.device)
+        logits = self.model.denoise(x[None], self.cache)[0, at:hi]  # [count, V]
+        nll = logits.logsumexp(-1) - logits.gather(-1, canvas[at:hi, None])[:, 0]
+        self.forward_passes += 1
+        return float(nll.mean())
 
 
 _draw_pool: ThreadPoolExecutor | None = None
@@ -223,6 +389,8 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
     # row is computed exactly as it would be alone
     temperatures = torch.stack([g.sampler.temperature() for g in generations]).to(logits.device)
     z = logits.div_(temperatures[:, None, None])
+    for b, g in enumerate(generations):
+        g.sampler.constrain(z[b])  # pins act on the scaled logits, row by row, before scoring
     scores = score_canvas(z, uniforms)
     elapsed = (time.perf_counter() - t0) / len(generations)
     out = []
@@ -232,23 +400,97 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
     return out
 
 
-class TextStream:
-    """Incremental detokenizer: emits only text that can no longer change (no split UTF-8 sequences)."""
-
-    def __init__(self, tokenizer: Tokenizer | None):
-        self.tokenizer, self.sent = tokenizer, ""
-
-    def push(self, token_ids: list[int], final: bool) -> str:
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(token_ids)
-        if not final:
-            text = text.rstrip("\ufffd")  # a multi-byte character may be completed by the next canvas
-        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
-        self.sent += delta
-        return delta
+def run_batch(model: DiffusionGemma, generations: list[Generation]) -> Iterator[tuple[Generation, list]]:
+    """Prefill and denoise several generations together until all finish, yielding (generation, events)."""
+    for g in generations:
+        g.prefill()
+    while live := [g for g in generations if not g.finished]:
+        for g, events in zip(live, denoise_step(model, live)):
+            yield g, events
 
 
+# --- infill and edit ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class InfillCandidate:
+    """One tried gap length and what its generation left (from a Generation, or the server's Finished)."""
+
+    length: int
+    token_ids: list[int]
+    seam_nll: float | None  # Generation.seam_nll (None: nothing after the gap)
+    free_entropy: list[float]
+
+    @property
+    def entropy(self) -> float:
+        """Mean final entropy of the free positions over the canvases the gap spans."""
+        return sum(self.free_entropy) / max(len(self.free_entropy), 1)
+
+    @property
+    def score(self) -> float:
+        return (self.seam_nll or 0.0) + self.entropy
+
+
+def infill_lengths(canvas_length: int, max_fill: int | None = None, hint: int | None = None, count: int = 8):
+    """Candidate gap lengths in tokens: around `hint` (an edit's original span) or spread geometrically over
+    [1, max_fill] (default: one canvas)."""
+    if hint:
+        near = [round(hint * f) for f in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)] + [hint - 1, hint + 1]
+        return sorted({n for n in near if 1 <= n <= (max_fill or 4 * canvas_length)})
+    top = max(1, max_fill or canvas_length)
+    return sorted({max(1, round(top ** (i / (count - 1)))) for i in range(count)} if count > 1 else {top})
+
+
+def infill_layout(length: int, suffix_ids: list[int], canvas_length: int, eos_id: int | None,
+                  banned: torch.Tensor | None) -> tuple[Layout, int]:  # fmt: skip
+    """(layout, budget) for a gap of `length` free positions then the suffix: the suffix is pinned from there to
+    the end of the canvas that holds its first `canvas_length` tokens (so a long suffix fills that canvas's tail and
+    the rest is left out); a suffix that fits whole is followed by `eos_id` (the text ends there) when given.
+    `banned` [V] bool: tokens a gap position may not take (EOS and control tokens)."""
+    c = canvas_length
+    canvases = math.ceil((length + min(len(suffix_ids), c) + (eos_id is not None)) / c)
+    tail = list(suffix_ids[: canvases * c - length])
+    if eos_id is not None and len(tail) == len(suffix_ids) and length + len(tail) < canvases * c:
+        tail.append(eos_id)
+    fixed = {length + i: t for i, t in enumerate(tail)}
+    masks = mask_at = None
+    if banned is not None and length:
+        masks, mask_at = (~banned)[None], dict.fromkeys(range(length), 0)
+    probe = (length, min(SEAM_TOKENS, len(tail))) if tail else None
+    return Layout(fixed, masks, mask_at or {}, probe=probe), length + len(tail)
+
+
+def choose_infill(candidates: list[InfillCandidate]) -> int:
+    """Index of the candidate to keep: the lowest score = seam NLL (`Generation._probe`: how well the model restores
+    the first SEAM_TOKENS suffix tokens from the prefix and this fill, i.e. does the fill lead into the suffix?) +
+    mean final entropy of the free positions (did the fill converge?). Both are per-token means, so no length wins
+    by having more positions. Ties: the shorter fill."""
+    return min(range(len(candidates)), key=lambda i: (candidates[i].score, candidates[i].length))
+
+
+@dataclasses.dataclass
+class InfillResult:
+    text: str  # the fill only
+    token_ids: list[int]  # the fill's tokens
+    length: int  # chosen gap length
+    candidates: list[dict]  # every tried length: length, score, seam_nll, entropy, text
+    forward_passes: int
+    total_s: float
+    seed: int | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / max(self.total_s, 1e-9)
+
+
+@dataclasses.dataclass
+class EditResult:
+    text: str  # the whole edited text
+    replacement: str  # what replaced text[start:end]
+    start: int
+    end: int
+    infill: InfillResult
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Pipeline:
     """A loaded checkpoint: model, tokenizer (may be None), default generation settings."""
@@ -276,35 +518,55 @@ class Pipeline:
             raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.text.vocab_size}")
         return cls(model, tokenizer, settings, model_dir)
 
+    @property
+    def canvas_length(self) -> int:
+        return self.model.config.canvas_length
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.model_dir} has no tokenizer.json; pass prompt token ids instead")
+        return self.tokenizer
+
     def prompt_ids(self, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
                    messages: list[dict] | None = None) -> list[int]:  # fmt: skip
         """Token ids for a text prompt (with BOS), a chat (checkpoint template), or ids used exactly as given."""
         if prompt_ids is not None:
             return list(prompt_ids)
-        if self.tokenizer is None:
-            raise ConfigError(f"{self.model_dir} has no tokenizer.json; pass prompt token ids instead")
+        tok = self._need_tokenizer()
         if messages is not None or chat:
-            return self.tokenizer.apply_chat_template(messages or [{"role": "user", "content": prompt or ""}])
-        return self.tokenizer.encode(prompt or "", add_bos=True)
+            return tok.apply_chat_template(messages or [{"role": "user", "content": prompt or ""}])
+        return tok.encode(prompt or "", add_bos=True)
 
-    def stream_generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, chat: bool = False,
-                        messages: list[dict] | None = None, seed: int | None = None,
-                        **knobs) -> Iterator[StepEvent | CanvasEvent | GenerationResult]:  # fmt: skip
-        """Yield a StepEvent per denoising step, a CanvasEvent per committed canvas, then the GenerationResult."""
+    def request(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, chat: bool = False,
+                messages: list[dict] | None = None, seed: int | None = None, stop: list[str] | tuple = (),
+                layout: Layout | None = None, settle: Settle | None = None, draft: bool = False,
+                **knobs) -> Request:  # fmt: skip
+        """A Request from a prompt (text, ids or messages) and per-call knobs (GenerationSettings field names)."""
         settings = self.settings.override(**knobs)
         ids = self.prompt_ids(prompt, prompt_ids, chat, messages)
-        gen = Generation(self.model, ids, settings, seed)
+        return Request(tuple(ids), settings, seed, tuple(stop), layout, settle, draft)
+
+    def stream_generate(self, prompt: str | None = None, *, request: Request | None = None,
+                        **kwargs) -> Iterator[StepEvent | SettleEvent | CanvasEvent | GenerationResult]:  # fmt: skip
+        """Yield a StepEvent per denoising step, SettleEvents (with `settle`), a CanvasEvent per committed canvas
+        (text deltas on both), then the GenerationResult. `request` or the arguments of `Pipeline.request`."""
+        request = request or self.request(prompt, draft=True, **kwargs)
+        gen = Generation(self.model, request)
+        text = TextStream(self.tokenizer, request.stop, request.max_tokens, request.settings.eos_token_ids)
         t0 = time.perf_counter()
-        gen.prefill()
-        text = TextStream(self.tokenizer)
-        while not gen.finished:
-            for event in denoise_step(self.model, [gen])[0]:
-                if isinstance(event, CanvasEvent):
-                    event.text = text.push(gen.token_ids, gen.finished)
+        for _, events in run_batch(self.model, [gen]):
+            for event in events:
+                if isinstance(event, SettleEvent):
+                    event.text = text.push(event.token_ids)
+                elif isinstance(event, CanvasEvent):
+                    event.text = text.push(event.new_ids, gen.finish_reason if event.finished else None)
                 yield event
+            if text.finished:
+                break  # a stop string: no more canvases
         yield GenerationResult(
-            ids, gen.token_ids, text.sent, gen.finish_reason, gen.steps_per_canvas, gen.forward_passes,
-            gen.prefill_s, gen.denoise_s, time.perf_counter() - t0, seed,
+            list(request.prompt_ids), gen.token_ids, text.text, text.finish_reason or gen.finish_reason,
+            gen.steps_per_canvas, gen.forward_passes, gen.prefill_s, gen.denoise_s, time.perf_counter() - t0,
+            request.seed,
         )  # fmt: skip
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
@@ -312,3 +574,66 @@ class Pipeline:
         for event in self.stream_generate(prompt, **kwargs):
             pass
         return event
+
+    # --- infill and edit ----------------------------------------------------------------------------------------
+    def banned_in_fill(self) -> torch.Tensor:
+        """[V] bool: EOS ids and the tokenizer's control tokens, which a fill position may not take."""
+        banned = torch.zeros(self.model.text.vocab_size, dtype=torch.bool)
+        ids = set(self.settings.eos_token_ids) | (self.tokenizer.special_ids if self.tokenizer else set())
+        banned[[i for i in ids if i < banned.numel()]] = True
+        return banned
+
+    def infill_requests(self, prompt_ids: list[int], suffix_ids: list[int], lengths: list[int], seed: int | None,
+                        eos_after_suffix: bool = True, **knobs) -> list[Request]:  # fmt: skip
+        """One Request per candidate gap length (same seed: they differ only in where the suffix sits)."""
+        settings = self.settings.override(**knobs)
+        eos = settings.eos_token_ids[0] if eos_after_suffix and settings.eos_token_ids else None
+        banned = self.banned_in_fill()
+        out = []
+        for n in lengths:
+            layout, budget = infill_layout(n, suffix_ids, self.canvas_length, eos, banned)
+            out.append(Request(tuple(prompt_ids), settings.override(max_new_tokens=budget), seed, layout=layout))
+        return out
+
+    def infill(self, prefix: str | None = None, suffix: str | None = None, *, prefix_ids: list[int] | None = None,
+               suffix_ids: list[int] | None = None, lengths: list[int] | None = None, max_fill: int | None = None,
+               seed: int | None = None, eos_after_suffix: bool = True, **knobs) -> InfillResult:  # fmt: skip
+        """Fill the gap between a prefix (text with BOS, or ids as given) and a suffix; candidate gap `lengths`
+        (default `infill_lengths`) run in one batch and `choose_infill` picks one."""
+        prompt = self.prompt_ids(prefix, prefix_ids)
+        if suffix_ids is None:
+            suffix_ids = self._need_tokenizer().encode(suffix or "", parse_special=False)
+        lengths = sorted(set(lengths or infill_lengths(self.canvas_length, max_fill)))
+        if not lengths or min(lengths) < 1:
+            raise ConfigError(f"infill lengths must be >= 1, got {lengths}")
+        requests = self.infill_requests(prompt, list(suffix_ids), lengths, seed, eos_after_suffix, **knobs)
+        t0 = time.perf_counter()
+        gens = [Generation(self.model, r) for r in requests]
+        for _ in run_batch(self.model, gens):
+            pass
+        cands = [InfillCandidate(n, g.token_ids, g.seam_nll, g.free_entropy) for n, g in zip(lengths, gens)]
+        best = choose_infill(cands)
+        texts = [self.decode(c.token_ids[: c.length]) for c in cands]
+        table = [
+            {"length": c.length, "score": c.score, "seam_nll": c.seam_nll, "entropy": c.entropy, "text": t}
+            for c, t in zip(cands, texts)
+        ]
+        fill = cands[best].token_ids[: cands[best].length]
+        passes = sum(g.forward_passes for g in gens)
+        return InfillResult(texts[best], fill, cands[best].length, table, passes, time.perf_counter() - t0, seed)
+
+    def edit(self, text: str, start: int, end: int, *, context: str = "", lengths: list[int] | None = None,
+             seed: int | None = None, **knobs) -> EditResult:  # fmt: skip
+        """Rewrite text[start:end] (character offsets) with everything else fixed: the text before it (after
+        `context`, e.g. the prompt that produced it) is the prefix, the text after it is pinned; the new span's
+        length is chosen among candidates around the old span's token length."""
+        if not 0 <= start <= end <= len(text):
+            raise ConfigError(f"the span [{start}, {end}) is not inside the text (0..{len(text)})")
+        tok = self._need_tokenizer()
+        old = len(tok.encode(text[start:end], parse_special=False))
+        lengths = lengths or infill_lengths(self.canvas_length, hint=old or None)
+        result = self.infill(context + text[:start], text[end:], lengths=lengths, seed=seed, **knobs)
+        return EditResult(text[:start] + result.text + text[end:], result.text, start, end, result)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))

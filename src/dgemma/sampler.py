@@ -8,12 +8,21 @@ per request, so results never depend on what else shares a batch.
 
 Per step the vocabulary-wide work is done once by `score_canvas` (fast path: one softmax, one log of u);
 `token_entropy` + `gumbel_sample` + `argmax` are its slow, literal twin (tests/test_sampler.py compares them).
+
+Pins (`Pins`) are the one mechanism that fixes canvas content: a pinned position always holds its token in the model
+input, in every draft and in the committed canvas, and is never renoised; other positions may be limited to a
+vocabulary subset. Both act on the temperature-scaled logits before scoring (`Pins.constrain`): a pinned row becomes
+one-hot at its token (entropy 0, so its self-conditioning input says "certain"), a limited row gets -inf outside its
+set. Pinned positions are kept out of the acceptance budget and out of the stop rule's mean entropy: they are
+context, not predictions, and counting their zero entropy would make a mostly pinned canvas look confident before
+its free positions are. Without pins nothing here changes, so seeded outputs stay equal to the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -114,6 +123,50 @@ def make_generators(seed: int | None, device: str | torch.device = "cpu") -> tup
     return torch.Generator(device).manual_seed(fresh), torch.Generator(device).manual_seed(fresh + 1)
 
 
+class Pins:
+    """Fixed tokens and vocabulary limits of one canvas: `fixed` [C] bool with `tokens` [C] (read where fixed);
+    `masks` [M, V] bool rows of allowed tokens with `mask_at` [C] long (row index, -1 = any token). Counts are kept as Python ints so that no step has to ask the device whether anything is pinned."""
+
+    def __init__(self, canvas_length: int, fixed: dict[int, int] | None = None, masks: torch.Tensor | None = None,
+                 mask_at: dict[int, int] | None = None, device="cpu"):  # fmt: skip
+        device = torch.device(device)
+        self.fixed = torch.zeros(canvas_length, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(canvas_length, dtype=torch.long, device=device)
+        self.count = 0
+        self.masks = self.mask_at = None
+        self.limited: torch.Tensor | None = None  # [L] positions with a vocabulary limit
+        if mask_at:
+            assert masks is not None and masks.dtype == torch.bool
+            at = torch.full((canvas_length,), -1, dtype=torch.long)
+            at[list(mask_at)] = torch.tensor(list(mask_at.values()), dtype=torch.long)
+            self.masks, self.mask_at = masks.to(device), at.to(device)
+            self.limited = torch.tensor(sorted(mask_at), dtype=torch.long, device=device)
+        if fixed:
+            self.pin(list(fixed), list(fixed.values()))
+
+    def pin(self, positions: list[int], tokens: list[int]) -> None:
+        """Fix more positions (settled streaming pins the prefix it has sent)."""
+        idx = torch.tensor(positions, dtype=torch.long, device=self.fixed.device)
+        self.fixed[idx] = True
+        self.tokens[idx] = torch.tensor(tokens, dtype=torch.long, device=self.fixed.device)
+        self.count = int(self.fixed.sum())
+        self._fixed_idx = self.fixed.nonzero()[:, 0]
+
+    def apply(self, canvas: torch.Tensor) -> torch.Tensor:
+        """The canvas [C] with pinned positions holding their tokens (a pin is the last writer)."""
+        return torch.where(self.fixed, self.tokens, canvas) if self.count else canvas
+
+    def constrain(self, z: torch.Tensor) -> None:
+        """Limit the temperature-scaled logits z [C, V] in place."""
+        if self.limited is not None:
+            idx = self.limited
+            z[idx] = z[idx].masked_fill(~self.masks[self.mask_at[idx]], -math.inf)  # [L, V]
+        if self.count:
+            idx = self._fixed_idx
+            z[idx] = -math.inf
+            z[idx, self.tokens[idx]] = 0.0  # one-hot: entropy 0, argmax and sample = the pinned token
+
+
 @dataclasses.dataclass
 class StepResult:
     """What one denoising step did to a canvas."""
@@ -123,18 +176,29 @@ class StepResult:
     argmax: torch.Tensor  # [C] current answer candidate
     accepted: torch.Tensor  # [C] bool
     entropy: torch.Tensor  # [C] per-position entropy of the temperature-scaled distribution
-    mean_entropy: float
+    mean_entropy: float  # over the free (unpinned) positions
     done: bool  # stable and confident, or out of steps
 
 
 class CanvasSampler:
     """State of one canvas being denoised: current input, self-conditioning logits and argmax history."""
 
-    def __init__(self, settings: GenerationSettings, canvas_length: int, vocab_size: int,
-                 noise_gen: torch.Generator, sample_gen: torch.Generator, device="cpu"):  # fmt: skip
+    def __init__(
+        self,
+        settings: GenerationSettings,
+        canvas_length: int,
+        vocab_size: int,
+        noise_gen: torch.Generator,
+        sample_gen: torch.Generator,
+        device="cpu",
+        pins: Pins | None = None,
+    ):
         self.settings, self.vocab, self.device = settings, vocab_size, torch.device(device)
         self.noise_gen, self.sample_gen = noise_gen, sample_gen
-        self.canvas = self._noise(canvas_length)  # [C]
+        self.pins = pins
+        self.canvas = self._noise(canvas_length)  # [C] (the init draw is always made, pinned or not)
+        if pins is not None:
+            self.canvas = pins.apply(self.canvas)
         self.sc_logits: torch.Tensor | None = None  # [C, V] temperature-scaled logits of the previous step
         self.sc_probs: torch.Tensor | None = None  # [C, V] their softmax (fp32)
         self.history: list[torch.Tensor] = []
@@ -157,25 +221,46 @@ class CanvasSampler:
         s = self.settings
         return temperature(s.steps - self.steps, s.steps, s.t_min, s.t_max)
 
+    def pin(self, positions: list[int], tokens: list[int]) -> None:
+        """Fix more positions from now on, the next model input included."""
+        if self.pins is None:
+            self.pins = Pins(self.canvas.shape[0], device=self.device)
+        self.pins.pin(positions, tokens)
+        self.canvas = self.pins.apply(self.canvas)
+
+    def constrain(self, z: torch.Tensor) -> None:
+        """Apply this canvas's pins to its temperature-scaled logits z [C, V] in place, before scoring."""
+        if self.pins is not None:
+            self.pins.constrain(z)
+
     def step(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> StepResult:
         """Consume this step's raw logits [C, V] (fp32, soft-capped) and advance the canvas; `u`: this step's
         `draw()` when it was taken ahead. (Batches score all rows at once and call `advance` per request.)"""
         z = logits / self.temperature().to(logits.device)
         u = (self.draw() if u is None else u).to(z.device)  # sampling draw first
+        self.constrain(z)
         return self.advance(z, score_canvas(z, u))
 
     def advance(self, z: torch.Tensor, scores: CanvasScores) -> StepResult:
-        """Accept, renoise and decide to stop, given this step's temperature-scaled logits z [C, V] and their
-        `score_canvas`."""
+        """Accept, renoise and decide to stop, given this step's temperature-scaled (and `constrain`ed) logits
+        z [C, V] and their `score_canvas`."""
         s = self.settings
         remaining = s.steps - self.steps
         self.steps += 1
         argmax, entropy = scores.argmax, scores.entropy
-        accepted = entropy_bound_mask(entropy, s.entropy_bound)
-        self.canvas = torch.where(accepted, scores.sampled, self._noise(z.shape[-2]))  # then the renoise draw
+        pins = self.pins
+        if pins is None or not pins.count:
+            accepted = entropy_bound_mask(entropy, s.entropy_bound)
+            self.canvas = torch.where(accepted, scores.sampled, self._noise(z.shape[-2]))  # then the renoise draw
+            mean = entropy.mean()
+        else:
+            free = ~pins.fixed
+            accepted = entropy_bound_mask(entropy.masked_fill(pins.fixed, math.inf), s.entropy_bound) & free
+            self.canvas = pins.apply(torch.where(accepted, scores.sampled, self._noise(z.shape[-2])))
+            argmax = pins.apply(argmax)
+            mean = torch.where(free, entropy, 0.0).sum() / max(free.numel() - pins.count, 1)
         stable = is_stable(self.history, argmax, s.stability_threshold)
         self.history = (self.history + [argmax])[-max(s.stability_threshold, 1) :]
-        mean = entropy.mean()
         confident = bool(mean < s.confidence_threshold)  # compared in float32, as the reference does
         self.sc_logits, self.sc_probs = z, scores.probs
         done = (stable and confident) or remaining == 1

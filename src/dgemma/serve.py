@@ -128,8 +128,7 @@ def app_from_env():
 
 def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
     from .config import ConfigError
-    from .engine import Settle
-    from .generate import BUNDLED_MODEL, Pipeline
+    from .generate import BUNDLED_MODEL, Pipeline, Settle
     from .loader import CheckpointError
     from .server import create_app
 

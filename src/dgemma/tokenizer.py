@@ -31,6 +31,7 @@ class Tokenizer:
         self.bos_id = tok.token_to_id(bos_token) if bos_token else None
         self.eos_id = tok.token_to_id(eos_token) if eos_token else None
         self._lock = threading.Lock()
+        self._special: frozenset[int] | None = None
         self._template = None
         if chat_template is not None:
             if len(chat_template) > MAX_TEMPLATE_CHARS:
@@ -66,6 +67,13 @@ class Tokenizer:
             finally:
                 self.tok.encode_special_tokens = False
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special (control) tokens: never part of ordinary text."""
+        if self._special is None:
+            self._special = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+        return self._special
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -1,0 +1,118 @@
+"""ASGI pieces shared by every protocol: the `Guard` middleware (run before routing) and the SSE response.
+
+Guard: loopback-only `Host` headers (DNS rebinding), an optional API key (constant-time compare of digests) on every
+route but the public ones, and a body-size limit enforced while reading (413). `EventStream` sends server-sent
+events from an async iterator and notices a client that went away even while the stream is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+
+from starlette.responses import Response
+
+from .frontend import APIError
+
+PUBLIC_PATHS = frozenset({"/health", "/"})
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+MAX_BODY = 2 * 1024 * 1024
+
+
+class EventStream(Response):
+    """Server-sent events from an async iterator; calls `on_close` when the stream ends or the client goes away
+    (watched on `receive`, so an idle stream notices a disconnect too)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]):
+        self.status_code, self.background = 200, None  # no Response.__init__: it would add content-length: 0
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.body_iterator, self.on_close = body, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.on_close()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for text in self.body_iterator:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            watcher.cancel()
+            self.on_close()
+
+
+class Guard:
+    """Pure ASGI middleware run before routing: loopback `Host` check, API key, body size limit (413)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int, loopback_only: bool):
+        self.app, self.max_body, self.loopback_only = app, max_body, loopback_only
+        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.loopback_only and not _loopback_host(headers.get("host", "")):
+            return await _reject(send, APIError(400, "The Host header must name a loopback address.", code="bad_host"))
+        if self.key_digest is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
+            err = APIError(401, "Missing or invalid API key (send 'Authorization: Bearer KEY').",
+                           type="authentication_error", code="invalid_api_key")  # fmt: skip
+            return await _reject(send, err, [(b"www-authenticate", b"Bearer")])
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await _reject(send, _too_large(self.max_body))
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                return await _reject(send, _too_large(self.max_body))
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # afterwards: the real channel, so disconnects still arrive
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode("utf-8", "surrogateescape")).digest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self.key_digest)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body exceeds {limit} bytes.", code="payload_too_large")
+
+
+def _loopback_host(host: str) -> bool:
+    if any(c in host for c in "/?#@"):
+        return False
+    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return name.lower() in LOOPBACK_HOSTS
+
+
+async def _reject(send, err: APIError, headers: list | None = None) -> None:
+    body = json.dumps(err.body()).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (headers or [])
+    await send({"type": "http.response.start", "status": err.status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

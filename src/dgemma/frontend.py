@@ -1,0 +1,385 @@
+"""Protocol-neutral serving front end: validated parameters -> `generate.Request`s -> engine -> text events.
+
+`Frontend.plan` turns `Params` (what every HTTP protocol asks for, already parsed) into a `Plan`: per choice the
+Requests to run (one, or the candidates of an infill or edit), with structured-output layouts compiled and context
+limits checked. `Frontend.events` runs the one text layer (`text.TextStream`) over the engine's token events and
+yields ("text" | "draft" | "done" | "error", choice, payload); for infills it waits for a choice's candidates and
+keeps the one `choose_infill` picks. Errors are `APIError`s with an HTTP status; the protocol modules shape them.
+Nothing here touches torch or knows a wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+from starlette.concurrency import run_in_threadpool
+
+from .config import ConfigError
+from .engine import EngineClosed, Failed, Finished, Job, QueueFull
+from .generate import (
+    CanvasEvent,
+    InfillCandidate,
+    Layout,
+    Request,
+    Settle,
+    SettleEvent,
+    StepEvent,
+    choose_infill,
+    infill_lengths,
+)
+from .text import TextStream
+
+MAX_STOP, MAX_STOP_CHARS = 4, 256
+MAX_SEED = 2**62
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status, message, the offending parameter, a machine-readable code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_parameter") -> APIError:
+    return APIError(400, message, param, code)
+
+
+@dataclasses.dataclass
+class Params:
+    """One generation request as every protocol expresses it. `prompt` tokenizes (run in a worker thread)."""
+
+    prompt: Callable[[], list[int]]
+    max_tokens: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    knobs: dict = dataclasses.field(default_factory=dict)  # GenerationSettings overrides
+    stream: bool = False
+    include_usage: bool = False
+    include_draft: bool = False
+    settle_steps: int | None = None
+    settle_entropy: float | None = None
+    response_format: dict | None = None
+    suffix: str | None = None  # infill: the text after the gap
+    fill_lengths: list[int] | None = None  # infill candidates (default: spread up to max_tokens)
+    fill_hint: int | None = None  # an edit's old span length in tokens
+
+
+@dataclasses.dataclass
+class Plan:
+    """A validated request, ready for the engine."""
+
+    choices: list[list[Request]]  # per choice: one Request, or an infill's candidates
+    fill_lengths: list[int] | None  # the candidates' gap lengths (infill), else None
+    prompt_tokens: int
+    max_tokens: int
+    stop: tuple[str, ...]
+    seeds: list[int]
+    stream: bool
+    include_usage: bool
+    draft: bool
+    preview: int = 0  # infill: the candidate whose drafts are streamed
+
+
+class Inbox:
+    """One request's events from the engine thread, consumed by its response on the event loop. Token events,
+    Finished and Failed are all kept, in order; a draft (StepEvent) replaces the still-unread draft of its job when
+    nothing else came after it. So a client that reads slowly gets the newest canvas, and what waits here is
+    bounded by the request's tokens, not by its number of steps."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.open: dict[int, _DraftSlot] = {}  # job -> its draft slot still in the queue, nothing after it
+
+    def deliver_to(self, i: int) -> Callable[[object], None]:
+        def deliver(ev) -> None:  # runs on the engine thread
+            try:
+                self.loop.call_soon_threadsafe(self._put, i, ev)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        return deliver
+
+    def _put(self, i: int, ev) -> None:
+        if isinstance(ev, StepEvent):
+            slot = self.open.get(i)
+            if slot is not None and not slot.taken:
+                slot.draft = ev
+                return
+            self.open[i] = slot = _DraftSlot(ev)
+            ev = slot
+        else:
+            self.open.pop(i, None)
+        self.queue.put_nowait((i, ev))
+
+    def wake(self) -> None:
+        self.queue.put_nowait((-1, None))
+
+    def qsize(self) -> int:
+        return self.queue.qsize()
+
+    async def get(self) -> tuple[int, object]:
+        i, ev = await self.queue.get()
+        if isinstance(ev, _DraftSlot):
+            ev.taken = True
+            ev = ev.draft
+        return i, ev
+
+
+class _DraftSlot:
+    __slots__ = ("draft", "taken")
+
+    def __init__(self, draft: StepEvent):
+        self.draft, self.taken = draft, False
+
+
+class Frontend:
+    """Request handling shared by every protocol: pipeline, engine, limits."""
+
+    def __init__(self, pipeline, engine, model_id: str, max_n: int, max_tokens_cap: int | None, settle: Settle):
+        if pipeline.tokenizer is None:
+            raise ValueError(f"{pipeline.model_dir} has no tokenizer.json; the server needs one")
+        self.pipeline, self.engine, self.model_id = pipeline, engine, model_id
+        self.tokenizer = pipeline.tokenizer
+        self.max_n, self.max_tokens_cap, self.settle = max_n, max_tokens_cap, settle
+        self.canvas = pipeline.model.config.canvas_length
+        self.context = pipeline.model.text.max_position_embeddings
+        self.vocab = pipeline.model.text.vocab_size
+        self.created = int(time.time())
+        self._pieces: dict[int, str] = {}
+
+    # --- validation ------------------------------------------------------------------------------------------
+    async def plan(self, p: Params) -> Plan:
+        if p.n > self.max_n:
+            raise bad(f"n must be at most {self.max_n}", "n")
+        stop = tuple(stop_list(p.stop))
+        try:
+            settings = self.pipeline.settings.override(**p.knobs)  # validates the combination (t_min < t_max)
+            ids = await run_in_threadpool(p.prompt)
+        except ConfigError as e:
+            raise bad(str(e)) from None
+        seed = p.seed if p.seed is not None else secrets.randbelow(MAX_SEED)
+        seeds = [seed + i for i in range(p.n)]
+        layout = await self._structured(p, settings)
+        if p.suffix is not None:
+            return await self._infill_plan(p, ids, seeds, stop)
+        if layout is not None:
+            max_tokens = self._check_length(len(ids), layout.budget, layout.budget)
+            layout = layout.layout
+        else:
+            max_tokens = self._check_length(len(ids), p.max_tokens, settings.max_new_tokens)
+        settle = None
+        if p.stream and p.settle_steps != 0:
+            settle = Settle(p.settle_steps or self.settle.steps, p.settle_entropy or self.settle.entropy)
+        draft = p.include_draft and p.stream
+        base = settings.override(max_new_tokens=max_tokens)
+        choices = [[Request(tuple(ids), base, s, stop, layout, settle, draft)] for s in seeds]
+        return Plan(choices, None, len(ids), max_tokens, stop, seeds, p.stream, p.include_usage, draft)
+
+    async def _structured(self, p: Params, settings):
+        """The compiled response_format (with its token budget), or None for plain text."""
+        rf = p.response_format
+        if rf is None or rf == {"type": "text"}:
+            return None
+        from .structured import UnsupportedSchema, compile_response_format
+
+        if p.suffix is not None:
+            raise bad("response_format cannot be combined with suffix", "response_format")
+        if p.stop:
+            raise bad("stop strings cannot be combined with response_format (they could cut the JSON)", "stop")
+        if not settings.eos_token_ids:
+            raise bad("structured output needs an EOS token id in generation_config.json", "response_format")
+        eos = settings.eos_token_ids[0]
+        try:
+            template = await run_in_threadpool(compile_response_format, rf, self.tokenizer, self.canvas, eos)
+        except UnsupportedSchema as e:
+            raise APIError(400, str(e), "response_format", "unsupported_schema") from None
+        except ValueError as e:
+            raise bad(str(e), "response_format") from None
+        if template is None:
+            return None
+        if p.max_tokens is not None and p.max_tokens < template.length:
+            raise bad(f"max_tokens={p.max_tokens} is too small for this response_format: it needs "
+                      f"{template.length} tokens", "max_tokens")  # fmt: skip
+        layout = Layout(template.fixed, template.masks, template.mask_at, template.finalize)
+        return _Structured(layout, template.length)
+
+    async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:
+        suffix_ids = await run_in_threadpool(self.tokenizer.encode, p.suffix, False, False)
+        max_fill = p.max_tokens or self.canvas
+        if self.max_tokens_cap is not None and max_fill > self.max_tokens_cap:
+            raise bad(f"max_tokens must be at most {self.max_tokens_cap}", "max_tokens")
+        lengths = sorted(set(p.fill_lengths or infill_lengths(self.canvas, max_fill, p.fill_hint)))
+        if not lengths or lengths[0] < 1 or lengths[-1] > max_fill:
+            raise bad(f"fill lengths must be in [1, {max_fill}]", "fill_lengths")
+        try:
+            choices = [self.pipeline.infill_requests(ids, suffix_ids, lengths, s, **p.knobs) for s in seeds]
+        except ConfigError as e:
+            raise bad(str(e)) from None
+        longest = max(r.max_tokens for r in choices[0])
+        self._check_length(len(ids), longest, longest)
+        preview = min(range(len(lengths)), key=lambda k: abs(lengths[k] - (p.fill_hint or max_fill // 2)))
+        draft = p.include_draft and p.stream
+        if draft:
+            choices = [[dataclasses.replace(r, draft=k == preview) for k, r in enumerate(c)] for c in choices]
+        return Plan(choices, lengths, len(ids), max_fill, stop, seeds, p.stream, p.include_usage, draft, preview)
+
+    def _check_length(self, prompt_len: int, max_tokens: int | None, default: int) -> int:
+        """max_tokens after the context check; canvases make the real budget ceil(max_tokens / C) * C."""
+        c, room = self.canvas, self.context - prompt_len
+        if max_tokens is None:
+            max_tokens = min(default, room // c * c, self.max_tokens_cap or math.inf)
+            if max_tokens < 1:
+                raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                               f"{prompt_len} tokens, leaving no room for one canvas of {c}.", "prompt",
+                               "context_length_exceeded")  # fmt: skip
+            return max_tokens
+        if self.max_tokens_cap is not None and max_tokens > self.max_tokens_cap:
+            raise bad(f"max_tokens must be at most {self.max_tokens_cap}", "max_tokens")
+        needed = math.ceil(max_tokens / c) * c
+        if prompt_len + needed > self.context:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                           f"{prompt_len} tokens and max_tokens={max_tokens} needs {needed} (canvases of {c}).",
+                           "max_tokens", "context_length_exceeded")  # fmt: skip
+        return max_tokens
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def submit(self, plan: Plan) -> tuple[list[Job], Inbox]:
+        inbox = Inbox(asyncio.get_running_loop())
+        requests = [r for choice in plan.choices for r in choice]
+        jobs = [Job(r, inbox.deliver_to(j)) for j, r in enumerate(requests)]
+        try:
+            self.engine.submit(jobs)
+        except QueueFull:
+            raise APIError(503, "The server is busy; retry shortly.", None, "server_overloaded",
+                           "server_error", {"Retry-After": "1"}) from None  # fmt: skip
+        except EngineClosed:
+            raise APIError(503, "The engine is not running.", None, "engine_unavailable", "server_error") from None
+        return jobs, inbox
+
+    def cancel(self, jobs: list[Job], inbox: Inbox | None = None) -> None:
+        for job in jobs:
+            if not job.cancelled:
+                self.engine.cancel(job)
+        if inbox is not None:
+            inbox.wake()  # a waiting consumer ends
+
+    def _text(self, plan: Plan) -> TextStream:
+        eos = plan.choices[0][0].settings.eos_token_ids
+        return TextStream(self.tokenizer, plan.stop, plan.max_tokens, eos)
+
+    async def events(self, plan: Plan, jobs: list[Job], inbox: Inbox) -> AsyncIterator[tuple]:
+        """(kind, choice, payload) until every choice has finished: ("text", i, delta), ("draft", i, StepEvent),
+        ("done", i, stats), or ("error", -1, message); stops early when the client went away."""
+        width = len(plan.choices[0])
+        texts = [self._text(plan) for _ in plan.choices]
+        finished: dict[int, Finished] = {}
+        pending = set(range(len(plan.choices)))
+        while pending:
+            j, ev = await inbox.get()
+            if j == -1:
+                return
+            i = j // width
+            if i not in pending:
+                continue
+            if isinstance(ev, Failed):
+                self.cancel(jobs)
+                yield "error", -1, ev.message
+                return
+            if isinstance(ev, StepEvent):
+                yield "draft", i, ev
+                continue
+            if plan.fill_lengths is not None:  # infill: only the chosen candidate's fill becomes text
+                if isinstance(ev, Finished):
+                    finished[j] = ev
+                if all(i * width + c in finished for c in range(width)):
+                    pending.discard(i)
+                    for item in self._fill(plan, i, [finished[i * width + c] for c in range(width)], texts[i]):
+                        yield item
+                continue
+            text = texts[i]
+            if isinstance(ev, SettleEvent):
+                delta = text.push(ev.token_ids)
+            elif isinstance(ev, CanvasEvent):
+                delta = text.push(ev.new_ids)
+            else:
+                delta = text.push([], ev.finish_reason)
+            if delta:
+                yield "text", i, delta
+            if text.finished:
+                pending.discard(i)
+                self.cancel([jobs[j]])  # stop string or token cap: drop remaining work
+                yield "done", i, self._stats(plan, i, text, jobs[j], ev if isinstance(ev, Finished) else None)
+
+    def _fill(self, plan: Plan, i: int, results: list[Finished], text: TextStream) -> list[tuple]:
+        """The ("text", "done") items of an infill choice once all its candidates finished."""
+        cands = [InfillCandidate(n, f.token_ids, f.seam_nll, f.free_entropy) for n, f in zip(plan.fill_lengths, results)]
+        best = choose_infill(cands)
+        delta = text.push(cands[best].token_ids[: cands[best].length], "stop")
+        chosen = results[best]
+        infill = {"length": cands[best].length, "candidates": [{"length": c.length, "score": c.score} for c in cands]}
+        stats = self._stats(plan, i, text, None, chosen, infill=infill)
+        stats["dgemma"]["forward_passes"] = sum(f.forward_passes for f in results)
+        return [("text", i, delta), ("done", i, stats)]
+
+    def _stats(self, plan: Plan, i: int, text: TextStream, job: Job | None, fin: Finished | None, **extra) -> dict:
+        gen = job.gen if job is not None else None
+        steps = fin.steps_per_canvas if fin else list(gen.steps_per_canvas) if gen else []
+        passes = fin.forward_passes if fin else gen.forward_passes if gen else 0
+        if job is not None:
+            first = job.first_token and job.first_token - job.submitted
+            commit = job.first_commit and job.first_commit - job.submitted
+        else:
+            first, commit = fin.first_token_s, fin.first_commit_s
+        return {
+            "finish_reason": text.finish_reason, "completion_tokens": len(text.ids), "text": text.text,
+            "dgemma": {
+                "seed": plan.seeds[i], "steps_per_canvas": steps, "forward_passes": passes,
+                "tokens_per_forward": round(len(text.ids) / max(passes, 1), 4),
+                "first_token_s": first and round(first, 4), "first_commit_s": commit and round(commit, 4), **extra,
+            },
+        }  # fmt: skip
+
+    def piece(self, token_id: int) -> str:
+        if (p := self._pieces.get(token_id)) is None:
+            p = self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special=False)
+        return p
+
+    def usage(self, plan: Plan, completion_tokens: int) -> dict:
+        p = plan.prompt_tokens
+        return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
+
+
+@dataclasses.dataclass
+class _Structured:
+    layout: Layout
+    budget: int
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stop) > MAX_STOP:
+        raise bad(f"stop takes at most {MAX_STOP} strings", "stop")
+    if any(not check_text(s, "stop") or len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"each stop string needs 1 to {MAX_STOP_CHARS} characters", "stop")
+    return stop
+
+
+def check_text(text: str, param: str) -> str:
+    """JSON may carry lone surrogates (\\ud800); they are not text and the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{param} is not valid Unicode (lone surrogate)", param) from None
+    return text

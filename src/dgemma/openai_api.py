@@ -1,0 +1,345 @@
+"""OpenAI wire format: request models, their translation to `frontend.Params`, and response shaping (JSON and SSE).
+
+Endpoints served through it: `/v1/completions` (with `suffix`: infill), `/v1/chat/completions`, and dgemma's
+`/v1/edits` (rewrite a span of a text in place). `response_format` (`json_object`, `json_schema`) works on chat and
+completions. Fields OpenAI defines but dgemma cannot honour get a 400 naming the field.
+
+Extensions (all optional): the diffusion knobs as body fields (`steps`, `entropy_bound`, `t_min`, `t_max`,
+`confidence_threshold`, `stability_threshold`); a `dgemma` object on every choice; `stream_options.include_draft`
+(`event: draft` SSE events with the whole canvas every step); `stream_options.settle_steps` / `settle_entropy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from .asgi import EventStream
+from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
+from .generate import StepEvent
+
+KNOBS = ("steps", "entropy_bound", "t_min", "t_max", "confidence_threshold", "stability_threshold")
+
+
+# --- request models ---------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+    include_draft: bool = False
+    settle_steps: int | None = Field(None, ge=0, le=1024)
+    settle_entropy: float | None = Field(None, gt=0, le=1e9)
+
+
+class GenerationFields(BaseModel):
+    """Fields shared by every endpoint: OpenAI's, the diffusion knobs, and known-but-unsupported ones (checked)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=2**31)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**62)
+    n: int = Field(1, ge=1, le=2**31)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    steps: int | None = Field(None, ge=1, le=1024)
+    entropy_bound: float | None = Field(None, gt=0, le=1e9)
+    t_min: float | None = Field(None, ge=0, le=1e3)
+    t_max: float | None = Field(None, gt=0, le=1e3)
+    confidence_threshold: float | None = Field(None, gt=0, le=1e9)
+    stability_threshold: int | None = Field(None, ge=0, le=1024)
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str] | list[int]
+    suffix: str | None = None
+    response_format: dict[str, Any] | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: Any = None
+
+
+class ChatRequest(GenerationFields):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+
+class EditRequest(GenerationFields):
+    """dgemma's inline edit: rewrite `text[start:end]` (characters) or `lines` ("A-B", 1-based, inclusive), with
+    everything else fixed. `context`: text before `text` that conditions the rewrite (e.g. the prompt that
+    produced it). `fill_lengths`: candidate lengths in tokens (default: around the old span's length)."""
+
+    text: str
+    start: int | None = Field(None, ge=0)
+    end: int | None = Field(None, ge=0)
+    lines: str | None = None
+    context: str = ""
+    fill_lengths: list[int] | None = Field(None, min_length=1, max_length=16)
+
+
+def _unsupported(body: GenerationFields) -> None:
+    """400 naming the first field whose value would change semantics dgemma cannot honour."""
+    fields = body.model_fields_set
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("temperature", lambda v: v in (None, 1), "the diffusion sampler uses its own schedule; set t_min/t_max"),
+        ("top_p", lambda v: v in (None, 1), "nucleus sampling is not supported by the diffusion sampler"),
+        ("presence_penalty", lambda v: v in (None, 0), "penalties are not supported"),
+        ("frequency_penalty", lambda v: v in (None, 0), "penalties are not supported"),
+        ("logit_bias", lambda v: not v, "logit_bias is not supported"),
+        ("chat_template", lambda v: False, "the checkpoint's own chat template is always used"),
+        ("chat_template_kwargs", lambda v: False, "the checkpoint's own chat template is always used"),
+        ("echo", lambda v: not v, "echo is not supported"),
+        ("best_of", lambda v: v in (None, 1), "best_of is not supported"),
+        ("logprobs", lambda v: v in (None, False), "logprobs are not supported"),
+        ("top_logprobs", lambda v: v is None, "logprobs are not supported"),
+        ("tools", lambda v: not v, "tools are not supported"),
+        ("tool_choice", lambda v: v in (None, "none"), "tools are not supported"),
+        ("functions", lambda v: not v, "function calling is not supported"),
+        ("function_call", lambda v: v in (None, "none"), "function calling is not supported"),
+        ("parallel_tool_calls", lambda v: True, ""),
+        ("audio", lambda v: v is None, "audio output is not supported"),
+        ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
+        ("prediction", lambda v: v is None, "predicted outputs are not supported"),
+    ]
+    for name, ok, why in checks:
+        if name in fields and not ok(getattr(body, name, None)):
+            raise APIError(400, f"'{name}' is not supported: {why}", param=name, code="unsupported_parameter")
+
+
+def params(fe: Frontend, body: GenerationFields, prompt: Callable[[], list[int]], max_tokens: int | None,
+           **more) -> Params:  # fmt: skip
+    """The protocol-neutral Params of a validated body."""
+    if body.model != fe.model_id:
+        raise APIError(404, "The model does not exist; GET /v1/models lists the served model.", "model",
+                       "model_not_found")  # fmt: skip
+    _unsupported(body)
+    opts = body.stream_options or StreamOptions()
+    return Params(
+        prompt, max_tokens, body.stop, body.seed, body.n, {k: getattr(body, k) for k in KNOBS}, body.stream,
+        opts.include_usage, opts.include_draft, opts.settle_steps, opts.settle_entropy,
+        response_format=getattr(body, "response_format", None), **more,
+    )  # fmt: skip
+
+
+def completion_prompt(fe: Frontend, body: CompletionRequest) -> Callable[[], list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise bad("only one prompt per request is supported", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not check_text(prompt, "prompt").strip() and body.suffix is None:
+            raise bad("prompt must not be empty", "prompt")
+        return lambda: fe.tokenizer.encode(prompt, add_bos=True)
+    if not prompt:
+        raise bad("prompt must not be empty", "prompt")
+    if any(not 0 <= i < fe.vocab for i in prompt):
+        raise bad(f"prompt token ids must be in [0, {fe.vocab})", "prompt")
+    return lambda: list(prompt)
+
+
+def chat_prompt(fe: Frontend, body: ChatRequest) -> Callable[[], list[int]]:
+    if not body.messages:
+        raise bad("messages must not be empty", "messages")
+    messages = []
+    for i, m in enumerate(body.messages):
+        param = f"messages[{i}]"
+        role = {"developer": "system"}.get(m.role, m.role)
+        if role not in ("system", "user", "assistant") or m.tool_calls is not None:
+            raise bad(f"{param}: role must be system, user or assistant (no tools)", param)
+        content = m.content if isinstance(m.content, str) else None
+        if isinstance(m.content, list):
+            if any(p.type != "text" or p.text is None for p in m.content):
+                raise bad(f"{param}: only text content parts are supported", param)
+            content = "".join(p.text for p in m.content)
+        if content is None:
+            raise bad(f"{param}: content must be a string", param)
+        messages.append({"role": role, "content": check_text(content, param)})
+    return lambda: fe.pipeline.prompt_ids(messages=messages)
+
+
+def edit_params(fe: Frontend, body: EditRequest) -> tuple[Params, int, int]:
+    """Params for an edit, and the span [start, end) in characters."""
+    text = check_text(body.text, "text")
+    check_text(body.context, "context")
+    start, end = span(text, body.start, body.end, body.lines)
+    before = body.context + text[:start]
+    hint = len(fe.tokenizer.encode(text[start:end], parse_special=False)) or None
+    max_tokens = body.max_tokens or max(fe.canvas, 2 * (hint or 0))
+    p = params(fe, body, lambda: fe.tokenizer.encode(before, add_bos=True), max_tokens, suffix=text[end:],
+               fill_lengths=body.fill_lengths, fill_hint=hint)  # fmt: skip
+    if p.n != 1:
+        raise bad("edits take n = 1", "n")
+    return p, start, end
+
+
+def span(text: str, start: int | None, end: int | None, lines: str | None) -> tuple[int, int]:
+    """[start, end) in characters from offsets or a 1-based inclusive line range "A-B" (the last line's newline
+    stays outside the span)."""
+    if lines is not None:
+        if start is not None or end is not None:
+            raise bad("give either lines or start/end", "lines")
+        first, _, last = lines.partition("-")
+        if not first.strip().isdigit() or not (last or first).strip().isdigit():
+            raise bad(f"lines must look like 10-12, got {lines!r}", "lines")
+        return line_span(text, int(first), int(last or first))
+    if start is None or end is None:
+        raise bad("give start and end (characters) or lines", "start")
+    if not start <= end <= len(text):
+        raise bad(f"need 0 <= start <= end <= {len(text)} (the text's length), got {start}, {end}", "end")
+    return start, end
+
+
+def line_span(text: str, first: int, last: int) -> tuple[int, int]:
+    lines = text.splitlines(keepends=True)
+    if not 1 <= first <= last <= len(lines):
+        raise bad(f"lines must be within 1-{len(lines)} and ascending, got {first}-{last}", "lines")
+    start = sum(len(x) for x in lines[: first - 1])
+    end = sum(len(x) for x in lines[:last])
+    return start, end - (len(lines[last - 1]) - len(lines[last - 1].rstrip("\r\n")))
+
+
+# --- responses ----------------------------------------------------------------------------------------------------
+async def respond(fe: Frontend, plan: Plan, request: Request, kind: str, edit: tuple | None = None) -> Response:
+    """Run a plan and answer it; kind: "chat", "text" (completions) or "edit" (with edit = (text, start, end))."""
+    jobs, inbox = fe.submit(plan)
+    prefix = {"chat": "chatcmpl-", "text": "cmpl-", "edit": "edit-"}[kind]
+    obj = {"chat": "chat.completion", "text": "text_completion", "edit": "edit"}[kind]
+    head = {"id": prefix + uuid.uuid4().hex, "object": obj, "created": int(time.time()), "model": fe.model_id}
+    if plan.stream:
+        return EventStream(_sse(fe, plan, jobs, inbox, head, kind, edit), lambda: fe.cancel(jobs, inbox))
+    collect = asyncio.ensure_future(_collect(fe, plan, jobs, inbox, head, kind, edit))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not collect.done():
+            fe.cancel(jobs, inbox)
+            collect.cancel()
+        gone.cancel()
+    if collect.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    return collect.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _edit_fields(edit: tuple, replacement: str) -> dict:
+    text, start, end = edit
+    return {"text": text[:start] + replacement + text[end:], "replacement": replacement, "start": start, "end": end}
+
+
+async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: str, edit) -> JSONResponse:
+    done: dict[int, dict] = {}
+    async for what, i, payload in fe.events(plan, jobs, inbox):
+        if what == "error":
+            raise APIError(500, f"Generation failed: {payload}", type="server_error")
+        if what == "done":
+            done[i] = payload
+    usage = fe.usage(plan, sum(d["completion_tokens"] for d in done.values()))
+    if kind == "edit":
+        d = done[0]
+        body = {**head, **_edit_fields(edit, d["text"]), "finish_reason": d["finish_reason"], "dgemma": d["dgemma"]}
+        return JSONResponse({**body, "usage": usage})
+    choices = []
+    for i in sorted(done):
+        d = done[i]
+        out = {"message": {"role": "assistant", "content": d["text"]}} if kind == "chat" else {"text": d["text"]}
+        choices.append({"index": i, **out, "logprobs": None, "finish_reason": d["finish_reason"],
+                        "dgemma": d["dgemma"]})  # fmt: skip
+    return JSONResponse({**head, "choices": choices, "usage": usage})
+
+
+async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: str, edit) -> AsyncIterator[str]:
+    chat = kind == "chat"
+    head = {**head, "object": {"chat": "chat.completion.chunk", "text": "text_completion", "edit": "edit.chunk"}[kind]}
+    extra = {"usage": None} if plan.include_usage else {}
+
+    def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False, **more) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish, **more}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish, **more}
+        return _data({**head, "choices": [choice], **extra})
+
+    if chat:
+        for i in range(len(plan.choices)):
+            yield chunk(i, None, role=True)
+    total, replacement = 0, ""
+    async for what, i, payload in fe.events(plan, jobs, inbox):
+        if what == "text":
+            replacement += payload
+            if kind != "edit":
+                yield chunk(i, payload)
+        elif what == "draft":
+            yield _draft_event(fe, head, i, payload)
+        elif what == "done":
+            total += payload["completion_tokens"]
+            if kind == "edit":
+                body = {**head, **_edit_fields(edit, replacement), "finish_reason": payload["finish_reason"]}
+                yield _data({**body, "dgemma": payload["dgemma"], **extra})
+            else:
+                yield chunk(i, None, payload["finish_reason"], dgemma=payload["dgemma"])
+        else:
+            yield _data(APIError(500, f"Generation failed: {payload}", type="server_error").body())
+            return
+    if plan.include_usage:
+        yield _data({**head, "choices": [], "usage": fe.usage(plan, total)})
+    yield "data: [DONE]\n\n"
+
+
+def _draft_event(fe: Frontend, head: dict, i: int, d: StepEvent) -> str:
+    draft = {
+        "index": i, "canvas": d.canvas_index, "step": d.step, "tokens": d.draft,
+        "pieces": [fe.piece(t) for t in d.draft], "accepted": d.accepted,
+        "entropy": [round(h, 4) for h in d.entropy], "settled": d.settled, "fixed": d.fixed,
+    }  # fmt: skip
+    return "event: draft\n" + _data({**head, "object": "dgemma.draft", "choices": [], "dgemma_draft": draft})
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"

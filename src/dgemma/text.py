@@ -1,0 +1,97 @@
+"""The one detokenizer: output token ids in, append-only user text out (used by `stream_generate`, the CLI and the
+server alike).
+
+`TextStream` decodes incrementally (only the tokens since the last stable point are re-decoded, so a long answer
+costs O(n), and a multi-byte character split across tokens is held back until it completes), enforces an exact
+token budget (never more new tokens than asked, finish_reason "length") and EOS, and cuts at stop strings (a tail
+that could still become a stop string is held back until it resolves, so sent text is never retracted).
+
+Special tokens: without a parser they are decoded away (users never see `<eos>`); with a parser the raw text,
+special markers included, goes to `OutputParser.feed`, which returns what the user may see. This module knows no
+torch, no model and no HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+
+class OutputParser(Protocol):
+    """Turns raw decoded text (special markers included) into user-visible text, incrementally."""
+
+    def feed(self, raw: str) -> str:
+        """Consume the next raw text; return visible text that can no longer change (may hold some back)."""
+
+    def finish(self) -> str:
+        """The end of the output: return whatever was held back."""
+
+
+class TextStream:
+    """One output's text. `push(ids)` appends tokens and returns the newly visible text; `finish_reason` is set
+    once the output ended: "stop" (EOS or a stop string) or "length" (budget), or whatever `push(final=reason)`
+    gave."""
+
+    def __init__(self, tokenizer, stop: Iterable[str] = (), max_tokens: int | None = None,
+                 eos_ids: Iterable[int] = (), parser: OutputParser | None = None):  # fmt: skip
+        self.tokenizer, self.stop, self.max_tokens = tokenizer, [s for s in stop if s], max_tokens
+        self.eos, self.parser = set(eos_ids), parser
+        self.ids: list[int] = []
+        self.text = ""  # visible text sent so far
+        self.finish_reason: str | None = None
+        self._prefix = self._read = 0  # decode window: ids[_prefix:_read] is already turned into text
+        self._held = ""  # visible text withheld: it may be the start of a stop string
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, ids: Iterable[int], final: str | None = None) -> str:
+        """Append output tokens; `final`: the generation ended with this reason. Returns the new visible text."""
+        if self.finished:
+            return ""
+        ids = list(ids)
+        if (cut := next((i + 1 for i, t in enumerate(ids) if t in self.eos), None)) is not None:
+            ids, final = ids[:cut], "stop"
+        if self.max_tokens is not None and len(self.ids) + len(ids) >= self.max_tokens:
+            ids = ids[: self.max_tokens - len(self.ids)]
+            final = final or "length"
+        self.ids += ids
+        raw = self._decode(final is not None)
+        visible = raw if self.parser is None else self.parser.feed(raw)
+        if final is not None and self.parser is not None:
+            visible += self.parser.finish()
+        return self._emit(self._held + visible, final)
+
+    def _decode(self, final: bool) -> str:
+        """Text of the tokens since the last stable point (vLLM-style prefix/read offsets: decoders that strip a
+        leading space or merge bytes see the same context both times)."""
+        if self.tokenizer is None or self._read == len(self.ids):
+            return ""
+        skip = self.parser is None
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special=skip)
+        after = self.tokenizer.decode(self.ids[self._prefix :], skip_special=skip)
+        if not final and after.endswith("\ufffd"):
+            return ""  # a multi-byte character continues in the next tokens
+        self._prefix, self._read = self._read, len(self.ids)
+        return after.removeprefix(before)
+
+    def _emit(self, pending: str, final: str | None) -> str:
+        cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=None)
+        if cut is not None:
+            pending, final = pending[:cut], "stop"
+        held = 0 if final is not None else self._held_back(pending)
+        out, self._held = pending[: len(pending) - held], pending[len(pending) - held :]
+        self.text += out
+        self.finish_reason = final
+        return out
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best

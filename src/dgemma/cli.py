@@ -87,6 +87,72 @@ def id_list(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+# --- shared arguments -------------------------------------------------------------------------------------------
+KINDS = {
+    "positive_int": positive_int, "non_negative_int": non_negative_int, "positive_float": positive_float,
+    "non_negative_float": non_negative_float, "id_list": id_list,
+}  # fmt: skip
+
+
+def add_model_arguments(p) -> None:
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--download", action="store_true", help="treat --model as a Hugging Face repo id and download it")
+
+
+def add_knob_arguments(p) -> None:
+    """Every GenerationSettings knob as a flag (the one list in config.GenerationSettings.knobs), plus seed and
+    runtime options."""
+    from .config import GenerationSettings
+
+    knobs = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+    for f in GenerationSettings.knobs():
+        flag = "--" + f.name.replace("_", "-").replace("-token-ids", "-ids")
+        knobs.add_argument(flag, dest=f.name, type=KINDS[f.metadata["kind"]], metavar="X", help=f.metadata["help"])
+    knobs.add_argument("--seed", type=seed_value, metavar="S", help="seed (default: random, reported with --json)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
+    run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings")
+
+
+def knobs_from(args: argparse.Namespace) -> dict:
+    from .config import GenerationSettings
+
+    return {f.name: getattr(args, f.name) for f in GenerationSettings.knobs()}
+
+
+def load_pipeline(args: argparse.Namespace):
+    import torch
+
+    from .config import ConfigError
+    from .generate import BUNDLED_MODEL, Pipeline
+    from .loader import CheckpointError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was requested but CUDA is not available; use --device cpu")
+    if args.model is None and not BUNDLED_MODEL.is_dir():
+        raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
+    try:
+        return Pipeline.load(args.model, dtype=args.dtype, device=args.device, allow_download=args.download)
+    except (CheckpointError, ConfigError, OSError) as e:
+        raise CliError(str(e), EXIT_CHECKPOINT) from None
+
+
+def seed_of(args: argparse.Namespace) -> int:
+    return args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
+
+
+def read_text(path: str) -> str:
+    """A file's text, or stdin for '-'."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 # --- generate --------------------------------------------------------------------------------------------------------
 def add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -94,28 +160,14 @@ def add_generate_parser(subparsers) -> None:
         help="generate text from a prompt",
         description="Generate a continuation by block diffusion (denoise a canvas, commit it, repeat).",
     )
-    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--download", action="store_true", help="treat --model as a Hugging Face repo id and download it")
+    add_model_arguments(p)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text (BOS is added)")
     prompt.add_argument("--prompt-ids", type=id_list, metavar="IDS", help="prompt token ids, used exactly (no BOS)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the checkpoint's chat template")
-    knobs = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
-    knobs.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="rounded up to whole canvases")
-    knobs.add_argument("--steps", type=positive_int, metavar="N", help="max denoising steps per canvas")
-    knobs.add_argument("--entropy-bound", type=positive_float, metavar="X", help="entropy budget for acceptance")
-    knobs.add_argument("--t-min", type=non_negative_float, metavar="X", help="temperature at the last step")
-    knobs.add_argument("--t-max", type=non_negative_float, metavar="X", help="temperature at the first step")
-    knobs.add_argument("--stability-threshold", type=non_negative_int, metavar="N", help="stable steps to stop")
-    knobs.add_argument("--confidence-threshold", type=positive_float, metavar="X", help="mean entropy to stop")
-    knobs.add_argument("--eos-ids", type=id_list, metavar="IDS", help="stop token ids, e.g. 1,106")
-    knobs.add_argument("--seed", type=seed_value, metavar="S", help="seed (default: random, reported with --json)")
-    run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
-    run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    out = p.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings")
-    out.add_argument("--show-canvas", action="store_true", help="redraw the denoising canvas live (on stderr)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    add_knob_arguments(p)
+    p.add_argument("--show-canvas", action="store_true", help="redraw the denoising canvas live (on stderr)")
     p.set_defaults(handler=run_generate)
 
 
@@ -124,34 +176,20 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CliError("give a PROMPT or --prompt-ids")
     if args.prompt_ids is not None and args.chat:
         raise CliError("--chat needs a text PROMPT, not --prompt-ids")
-    import torch
+    from .generate import CanvasEvent, GenerationResult, SettleEvent, StepEvent
 
-    from .config import ConfigError
-    from .generate import BUNDLED_MODEL, CanvasEvent, GenerationResult, Pipeline, StepEvent
-    from .loader import CheckpointError
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda was requested but CUDA is not available; use --device cpu")
-    if args.model is None and not BUNDLED_MODEL.is_dir():
-        raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
-    try:
-        pipe = Pipeline.load(args.model, dtype=args.dtype, device=args.device, allow_download=args.download)
-    except (CheckpointError, ConfigError, OSError) as e:
-        raise CliError(str(e), EXIT_CHECKPOINT) from None
-    knobs = {
-        "max_new_tokens": args.max_new_tokens, "steps": args.steps, "entropy_bound": args.entropy_bound,
-        "t_min": args.t_min, "t_max": args.t_max, "stability_threshold": args.stability_threshold,
-        "confidence_threshold": args.confidence_threshold, "eos_token_ids": args.eos_ids,
-    }  # fmt: skip
-    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
-    events = pipe.stream_generate(args.prompt, prompt_ids=args.prompt_ids, chat=args.chat, seed=seed, **knobs)
+    pipe = load_pipeline(args)
+    seed = seed_of(args)
+    events = pipe.stream_generate(
+        args.prompt, prompt_ids=args.prompt_ids, chat=args.chat, seed=seed, stop=args.stop, **knobs_from(args)
+    )
     view = CanvasView(pipe.tokenizer, args.prompt or "") if args.show_canvas else None
     stream_text = not (args.json or view)
     with view or contextlib.nullcontext():
         for event in events:
             if view and isinstance(event, (StepEvent, CanvasEvent)):
                 view.update(event)
-            if stream_text and isinstance(event, CanvasEvent) and event.text:
+            if stream_text and isinstance(event, (SettleEvent, CanvasEvent)) and event.text:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
     assert isinstance(event, GenerationResult)
@@ -161,7 +199,14 @@ def run_generate(args: argparse.Namespace) -> int:
         print(" ".join(map(str, event.token_ids)))  # id-level checkpoint: nothing to detokenize
     else:
         print("" if stream_text else event.text)  # streamed text only needs its final newline
+        print(summary(event), file=sys.stderr)
     return 0
+
+
+def summary(r) -> str:
+    """One timing line for stderr after a plain run."""
+    return (f"[{len(r.token_ids)} tokens, {len(r.steps_per_canvas)} canvas(es), {r.forward_passes} forward passes, "
+            f"{r.total_s:.2f} s, {r.tokens_per_s:.1f} tok/s, seed {r.seed}]")  # fmt: skip
 
 
 def result_json(r) -> dict:
@@ -182,6 +227,125 @@ def result_json(r) -> dict:
         "seed": r.seed,
         "prompt_tokens": len(r.prompt_ids),
     }
+
+
+# --- infill and edit -----------------------------------------------------------------------------------------------
+FILL_MARKER = "<FILL>"
+
+
+def add_fill_arguments(p) -> None:
+    p.add_argument("--lengths", type=id_list, metavar="N,N", help="candidate fill lengths in tokens (default: a "
+                   "spread up to one canvas, or around the old span's length for edits)")  # fmt: skip
+
+
+def add_infill_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "infill",
+        help="fill the gap between a prefix and a suffix",
+        description="Fill in text between a prefix and a suffix: the suffix is pinned in the canvas after a gap; "
+        "several gap lengths run in one batch and the one whose fill best leads into the suffix is kept.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--prefix", metavar="TEXT", help="text before the gap")
+    p.add_argument("--suffix", metavar="TEXT", help="text after the gap")
+    p.add_argument("--file", metavar="F", help=f"a file ('-': stdin) with one {FILL_MARKER} marker: prints the file "
+                   "with the gap filled")  # fmt: skip
+    add_fill_arguments(p)
+    p.add_argument("--max-fill", type=positive_int, metavar="N", help="longest candidate (default: one canvas)")
+    add_knob_arguments(p)
+    p.set_defaults(handler=run_infill)
+
+
+def run_infill(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        if args.prefix is not None or args.suffix is not None:
+            raise CliError("give --file or --prefix/--suffix, not both")
+        text = read_text(args.file)
+        if text.count(FILL_MARKER) != 1:
+            raise CliError(f"{args.file} must contain the marker {FILL_MARKER} exactly once")
+        prefix, suffix = text.split(FILL_MARKER)
+    elif args.prefix is None and args.suffix is None:
+        raise CliError("give --prefix and/or --suffix, or --file")
+    else:
+        prefix, suffix = args.prefix or "", args.suffix or ""
+    pipe = load_pipeline(args)
+    if pipe.tokenizer is None:
+        raise CliError("this checkpoint has no tokenizer.json; infill needs text", EXIT_CHECKPOINT)
+    knobs = {k: v for k, v in knobs_from(args).items() if k != "max_new_tokens"}
+    r = pipe.infill(prefix, suffix, lengths=args.lengths, max_fill=args.max_fill or args.max_new_tokens,
+                    seed=seed_of(args), **knobs)  # fmt: skip
+    if args.json:
+        print(json.dumps(infill_json(r)))
+    else:
+        print(prefix + r.text + suffix if args.file is not None else r.text)
+    return 0
+
+
+def infill_json(r) -> dict:
+    return {
+        "text": r.text, "token_ids": r.token_ids, "length": r.length, "candidates": r.candidates,
+        "forward_passes": r.forward_passes, "timings": {"total_s": r.total_s, "tokens_per_s": r.tokens_per_s},
+        "seed": r.seed,
+    }  # fmt: skip
+
+
+def add_edit_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "edit",
+        help="rewrite lines or characters of a file in place",
+        description="Re-denoise one span of a file with everything around it fixed (the text before it is the "
+        "prompt, the text after it is pinned) and print the edited file.",
+    )
+    add_model_arguments(p)
+    p.add_argument("file", metavar="FILE", help="the text file ('-': stdin)")
+    span = p.add_mutually_exclusive_group(required=True)
+    span.add_argument("--lines", metavar="A-B", help="1-based inclusive line range, e.g. 10-12")
+    span.add_argument("--chars", metavar="A-B", help="character range [A, B), 0-based")
+    p.add_argument("--diff", action="store_true", help="print a unified diff instead of the edited file")
+    add_fill_arguments(p)
+    add_knob_arguments(p)
+    p.set_defaults(handler=run_edit)
+
+
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    first, sep, last = text.partition("-")
+    if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
+        raise CliError(f"{flag} expects A-B with non-negative integers, got {text!r}")
+    return int(first), int(last if sep else first)
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .generate import line_span
+
+    text = read_text(args.file)
+    try:
+        if args.lines is not None:
+            start, end = line_span(text, *parse_range(args.lines, "--lines"))
+        else:
+            start, end = parse_range(args.chars, "--chars")
+            if not start <= end <= len(text):
+                raise CliError(f"--chars must satisfy 0 <= A <= B <= {len(text)}, got {args.chars}")
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    pipe = load_pipeline(args)
+    if pipe.tokenizer is None:
+        raise CliError("this checkpoint has no tokenizer.json; edit needs text", EXIT_CHECKPOINT)
+    knobs = {k: v for k, v in knobs_from(args).items() if k != "max_new_tokens"}
+    r = pipe.edit(text, start, end, lengths=args.lengths, seed=seed_of(args), **knobs)
+    if args.json:
+        print(json.dumps({**infill_json(r.infill), "text": r.text, "replacement": r.replacement, "start": r.start,
+                          "end": r.end}))  # fmt: skip
+    elif args.diff:
+        import difflib
+
+        name = "stdin" if args.file == "-" else args.file
+        old, new = text.splitlines(keepends=True), r.text.splitlines(keepends=True)
+        lines = difflib.unified_diff(old, new, name, f"{name} (edited)")
+        sys.stdout.writelines(line if line.endswith("\n") else line + "\n" for line in lines)
+    else:
+        sys.stdout.write(r.text)
+    return 0
 
 
 class CanvasView:
@@ -240,6 +404,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     add_generate_parser(sub)  # one line per subcommand; each sets its handler with set_defaults(handler=...)
+    add_infill_parser(sub)
+    add_edit_parser(sub)
     from .serve import add_serve_parser  # a light module: the server and torch load only when `serve` runs
 
     add_serve_parser(sub)

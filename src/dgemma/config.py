@@ -145,19 +145,31 @@ class ModelConfig:
         return cls.from_dict(read_json(path))
 
 
+def _knob(default, kind: str, help: str, per_request: bool = True):
+    """A GenerationSettings field that front ends expose: `kind` names the CLI value type, `per_request` whether
+    HTTP bodies may set it (the CLI exposes every knob). The one list every front end derives its flags from."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "per_request": per_request})
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     """Sampling knobs (spec a.3 / d.1): checkpoint `generation_config.json` + per-call overrides."""
 
-    max_new_tokens: int = 256
-    steps: int = 48  # max_denoising_steps
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
-    eos_token_ids: tuple[int, ...] = ()
+    max_new_tokens: int = _knob(256, "positive_int", "exact token budget (canvases are rounded up, output is not)",
+                                per_request=False)  # fmt: skip
+    steps: int = _knob(48, "positive_int", "max denoising steps per canvas")  # max_denoising_steps
+    entropy_bound: float = _knob(0.1, "positive_float", "entropy budget for acceptance")
+    t_min: float = _knob(0.4, "non_negative_float", "temperature at the last step")
+    t_max: float = _knob(0.8, "non_negative_float", "temperature at the first step")
+    stability_threshold: int = _knob(1, "non_negative_int", "stable steps to stop")
+    confidence_threshold: float = _knob(0.005, "positive_float", "mean entropy to stop")
+    eos_token_ids: tuple[int, ...] = _knob((), "id_list", "stop token ids, e.g. 1,106", per_request=False)
     pad_token_id: int | None = None
+
+    @classmethod
+    def knobs(cls, per_request: bool = False) -> list[dataclasses.Field]:
+        """The fields front ends expose (only those HTTP bodies may set, with `per_request`)."""
+        return [f for f in dataclasses.fields(cls) if f.metadata and (f.metadata["per_request"] or not per_request)]
 
     def __post_init__(self) -> None:
         _check_int(self.max_new_tokens, "max_new_tokens", 1)

@@ -24,13 +24,13 @@ from .engine import EngineClosed, Failed, Finished, Job, QueueFull
 from .generate import (
     CanvasEvent,
     InfillCandidate,
-    Layout,
     Request,
     Settle,
     SettleEvent,
     StepEvent,
     choose_infill,
     infill_lengths,
+    structured_layout,
 )
 from .text import TextStream
 
@@ -74,6 +74,7 @@ class Params:
     suffix: str | None = None  # infill: the text after the gap
     fill_lengths: list[int] | None = None  # infill candidates (default: spread up to max_tokens)
     fill_hint: int | None = None  # an edit's old span length in tokens
+    fill_space: bool = False  # the prompt's trailing space was moved into the fill (generate.move_space)
 
 
 @dataclasses.dataclass
@@ -90,6 +91,7 @@ class Plan:
     include_usage: bool
     draft: bool
     preview: int = 0  # infill: the candidate whose drafts are streamed
+    fill_space: bool = False
 
 
 class Inbox:
@@ -175,8 +177,8 @@ class Frontend:
         if p.suffix is not None:
             return await self._infill_plan(p, ids, seeds, stop)
         if layout is not None:
-            max_tokens = self._check_length(len(ids), layout.budget, layout.budget)
-            layout = layout.layout
+            layout, budget = layout
+            max_tokens = self._check_length(len(ids), budget, budget)
         else:
             max_tokens = self._check_length(len(ids), p.max_tokens, settings.max_new_tokens)
         settle = None
@@ -188,32 +190,25 @@ class Frontend:
         return Plan(choices, None, len(ids), max_tokens, stop, seeds, p.stream, p.include_usage, draft)
 
     async def _structured(self, p: Params, settings):
-        """The compiled response_format (with its token budget), or None for plain text."""
-        rf = p.response_format
-        if rf is None or rf == {"type": "text"}:
-            return None
-        from .structured import UnsupportedSchema, compile_response_format
+        """The compiled response_format and its token budget, or None for plain text."""
+        from .structured import UnsupportedSchema
 
+        if p.response_format is None or p.response_format == {"type": "text"}:
+            return None
         if p.suffix is not None:
             raise bad("response_format cannot be combined with suffix", "response_format")
         if p.stop:
             raise bad("stop strings cannot be combined with response_format (they could cut the JSON)", "stop")
-        if not settings.eos_token_ids:
-            raise bad("structured output needs an EOS token id in generation_config.json", "response_format")
-        eos = settings.eos_token_ids[0]
         try:
-            template = await run_in_threadpool(compile_response_format, rf, self.tokenizer, self.canvas, eos)
+            out = await run_in_threadpool(structured_layout, p.response_format, self.tokenizer, self.canvas, settings)
         except UnsupportedSchema as e:
             raise APIError(400, str(e), "response_format", "unsupported_schema") from None
-        except ValueError as e:
+        except ValueError as e:  # ConfigError included
             raise bad(str(e), "response_format") from None
-        if template is None:
-            return None
-        if p.max_tokens is not None and p.max_tokens < template.length:
-            raise bad(f"max_tokens={p.max_tokens} is too small for this response_format: it needs "
-                      f"{template.length} tokens", "max_tokens")  # fmt: skip
-        layout = Layout(template.fixed, template.masks, template.mask_at, template.finalize)
-        return _Structured(layout, template.length)
+        if out is not None and p.max_tokens is not None and p.max_tokens < out[1]:
+            raise bad(f"max_tokens={p.max_tokens} is too small for this response_format: it needs {out[1]} tokens",
+                      "max_tokens")  # fmt: skip
+        return out
 
     async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:
         suffix_ids = await run_in_threadpool(self.tokenizer.encode, p.suffix, False, False)
@@ -233,7 +228,9 @@ class Frontend:
         draft = p.include_draft and p.stream
         if draft:
             choices = [[dataclasses.replace(r, draft=k == preview) for k, r in enumerate(c)] for c in choices]
-        return Plan(choices, lengths, len(ids), max_fill, stop, seeds, p.stream, p.include_usage, draft, preview)
+        return Plan(
+            choices, lengths, len(ids), max_fill, stop, seeds, p.stream, p.include_usage, draft, preview, p.fill_space
+        )
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, default: int) -> int:
         """max_tokens after the context check; canvases make the real budget ceil(max_tokens / C) * C."""
@@ -324,9 +321,13 @@ class Frontend:
 
     def _fill(self, plan: Plan, i: int, results: list[Finished], text: TextStream) -> list[tuple]:
         """The ("text", "done") items of an infill choice once all its candidates finished."""
-        cands = [InfillCandidate(n, f.token_ids, f.seam_nll, f.free_entropy) for n, f in zip(plan.fill_lengths, results)]
+        cands = [
+            InfillCandidate(n, f.token_ids, f.seam_nll, f.free_entropy) for n, f in zip(plan.fill_lengths, results)
+        ]
         best = choose_infill(cands)
         delta = text.push(cands[best].token_ids[: cands[best].length], "stop")
+        if plan.fill_space and text.text.startswith(" "):
+            delta, text.text = delta[1:], text.text[1:]
         chosen = results[best]
         infill = {"length": cands[best].length, "candidates": [{"length": c.length, "score": c.score} for c in cands]}
         stats = self._stats(plan, i, text, None, chosen, infill=infill)
@@ -359,12 +360,6 @@ class Frontend:
     def usage(self, plan: Plan, completion_tokens: int) -> dict:
         p = plan.prompt_tokens
         return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
-
-
-@dataclasses.dataclass
-class _Structured:
-    layout: Layout
-    budget: int
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

@@ -409,6 +409,24 @@ def run_batch(model: DiffusionGemma, generations: list[Generation]) -> Iterator[
             yield g, events
 
 
+def structured_layout(response_format: dict | None, tokenizer: Tokenizer, canvas_length: int,
+                      settings: GenerationSettings) -> tuple[Layout, int] | None:  # fmt: skip
+    """(layout, exact token budget) for an OpenAI `response_format` (None: plain text). The JSON skeleton is pinned,
+    value positions are limited to grammar-viable tokens, and the commit takes each value's best grammar-valid path
+    (`structured.JsonTemplate.finalize`), so the output always parses and validates. Raises
+    `structured.UnsupportedSchema` (naming the keyword) or ConfigError."""
+    from .structured import compile_response_format
+
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    if not settings.eos_token_ids:
+        raise ConfigError("structured output needs an EOS token id (generation_config.json eos_token_id)")
+    template = compile_response_format(response_format, tokenizer, canvas_length, settings.eos_token_ids[0])
+    if template is None:
+        return None
+    return Layout(template.fixed, template.masks, template.mask_at, template.finalize), template.length
+
+
 # --- infill and edit ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class InfillCandidate:
@@ -456,6 +474,29 @@ def infill_layout(length: int, suffix_ids: list[int], canvas_length: int, eos_id
         masks, mask_at = (~banned)[None], dict.fromkeys(range(length), 0)
     probe = (length, min(SEAM_TOKENS, len(tail))) if tail else None
     return Layout(fixed, masks, mask_at or {}, probe=probe), length + len(tail)
+
+
+def move_space(prefix: str) -> tuple[str, bool]:
+    """Word-piece vocabularies carry the space before a word in the word's token (" light"), so a prefix that ends
+    in a single space is cut before it and the fill may start with it: (prefix, whether a space was moved). Runs of
+    spaces (indentation) stay where they are."""
+    if prefix.endswith(" ") and not prefix.endswith("  "):
+        return prefix[:-1], True
+    return prefix, False
+
+
+def drop_moved_space(fill: str, moved: bool) -> str:
+    """The fill as the user's text sees it: the space `move_space` took from the prefix is not repeated."""
+    return fill[1:] if moved and fill.startswith(" ") else fill
+
+
+def line_span(text: str, first: int, last: int) -> tuple[int, int]:
+    """Character span [start, end) of lines first..last (1-based, inclusive); the last line's newline stays out."""
+    lines = text.splitlines(keepends=True)
+    if not 1 <= first <= last <= len(lines):
+        raise ConfigError(f"lines must be within 1-{len(lines)} and ascending, got {first}-{last}")
+    start, end = sum(len(x) for x in lines[: first - 1]), sum(len(x) for x in lines[:last])
+    return start, end - (len(lines[last - 1]) - len(lines[last - 1].rstrip("\r\n")))
 
 
 def choose_infill(candidates: list[InfillCandidate]) -> int:
@@ -540,10 +581,20 @@ class Pipeline:
     def request(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, chat: bool = False,
                 messages: list[dict] | None = None, seed: int | None = None, stop: list[str] | tuple = (),
                 layout: Layout | None = None, settle: Settle | None = None, draft: bool = False,
-                **knobs) -> Request:  # fmt: skip
-        """A Request from a prompt (text, ids or messages) and per-call knobs (GenerationSettings field names)."""
+                response_format: dict | None = None, **knobs) -> Request:  # fmt: skip
+        """A Request from a prompt (text, ids or messages) and per-call knobs (GenerationSettings field names).
+        `response_format`: OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}; the
+        budget becomes the template's length (a smaller max_new_tokens is an error)."""
         settings = self.settings.override(**knobs)
         ids = self.prompt_ids(prompt, prompt_ids, chat, messages)
+        if (structured := structured_layout(response_format, self._need_tokenizer() if response_format else None,
+                                            self.canvas_length, settings)) is not None:  # fmt: skip
+            if layout is not None or stop:
+                raise ConfigError("response_format cannot be combined with a layout or stop strings")
+            layout, budget = structured
+            if knobs.get("max_new_tokens") is not None and knobs["max_new_tokens"] < budget:
+                raise ConfigError(f"max_new_tokens={knobs['max_new_tokens']} is too small: the schema needs {budget}")
+            settings = settings.override(max_new_tokens=budget)
         return Request(tuple(ids), settings, seed, tuple(stop), layout, settle, draft)
 
     def stream_generate(self, prompt: str | None = None, *, request: Request | None = None,
@@ -600,6 +651,7 @@ class Pipeline:
                seed: int | None = None, eos_after_suffix: bool = True, **knobs) -> InfillResult:  # fmt: skip
         """Fill the gap between a prefix (text with BOS, or ids as given) and a suffix; candidate gap `lengths`
         (default `infill_lengths`) run in one batch and `choose_infill` picks one."""
+        prefix, moved = move_space(prefix or "") if prefix_ids is None else (None, False)
         prompt = self.prompt_ids(prefix, prefix_ids)
         if suffix_ids is None:
             suffix_ids = self._need_tokenizer().encode(suffix or "", parse_special=False)
@@ -613,7 +665,7 @@ class Pipeline:
             pass
         cands = [InfillCandidate(n, g.token_ids, g.seam_nll, g.free_entropy) for n, g in zip(lengths, gens)]
         best = choose_infill(cands)
-        texts = [self.decode(c.token_ids[: c.length]) for c in cands]
+        texts = [drop_moved_space(self.decode(c.token_ids[: c.length]), moved) for c in cands]
         table = [
             {"length": c.length, "score": c.score, "seam_nll": c.seam_nll, "entropy": c.entropy, "text": t}
             for c, t in zip(cands, texts)

@@ -23,10 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .asgi import EventStream
+from .config import ConfigError, GenerationSettings
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
-from .generate import StepEvent
+from .generate import StepEvent, line_span, move_space
 
-KNOBS = ("steps", "entropy_bound", "t_min", "t_max", "confidence_threshold", "stability_threshold")
+KNOBS = tuple(f.name for f in GenerationSettings.knobs(per_request=True))  # each is a GenerationFields field
 
 
 # --- request models ---------------------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ def params(fe: Frontend, body: GenerationFields, prompt: Callable[[], list[int]]
     )  # fmt: skip
 
 
-def completion_prompt(fe: Frontend, body: CompletionRequest) -> Callable[[], list[int]]:
+def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[], list[int]], bool]:
+    """The prompt's tokenizer thunk, and whether a trailing space moved into an infill (`generate.move_space`)."""
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -170,12 +172,13 @@ def completion_prompt(fe: Frontend, body: CompletionRequest) -> Callable[[], lis
     if isinstance(prompt, str):
         if not check_text(prompt, "prompt").strip() and body.suffix is None:
             raise bad("prompt must not be empty", "prompt")
-        return lambda: fe.tokenizer.encode(prompt, add_bos=True)
+        prompt, moved = move_space(prompt) if body.suffix is not None else (prompt, False)
+        return (lambda: fe.tokenizer.encode(prompt, add_bos=True)), moved
     if not prompt:
         raise bad("prompt must not be empty", "prompt")
     if any(not 0 <= i < fe.vocab for i in prompt):
         raise bad(f"prompt token ids must be in [0, {fe.vocab})", "prompt")
-    return lambda: list(prompt)
+    return (lambda: list(prompt)), False
 
 
 def chat_prompt(fe: Frontend, body: ChatRequest) -> Callable[[], list[int]]:
@@ -203,11 +206,11 @@ def edit_params(fe: Frontend, body: EditRequest) -> tuple[Params, int, int]:
     text = check_text(body.text, "text")
     check_text(body.context, "context")
     start, end = span(text, body.start, body.end, body.lines)
-    before = body.context + text[:start]
+    before, moved = move_space(body.context + text[:start])
     hint = len(fe.tokenizer.encode(text[start:end], parse_special=False)) or None
     max_tokens = body.max_tokens or max(fe.canvas, 2 * (hint or 0))
     p = params(fe, body, lambda: fe.tokenizer.encode(before, add_bos=True), max_tokens, suffix=text[end:],
-               fill_lengths=body.fill_lengths, fill_hint=hint)  # fmt: skip
+               fill_lengths=body.fill_lengths, fill_hint=hint, fill_space=moved)  # fmt: skip
     if p.n != 1:
         raise bad("edits take n = 1", "n")
     return p, start, end
@@ -222,21 +225,15 @@ def span(text: str, start: int | None, end: int | None, lines: str | None) -> tu
         first, _, last = lines.partition("-")
         if not first.strip().isdigit() or not (last or first).strip().isdigit():
             raise bad(f"lines must look like 10-12, got {lines!r}", "lines")
-        return line_span(text, int(first), int(last or first))
+        try:
+            return line_span(text, int(first), int(last or first))
+        except ConfigError as e:
+            raise bad(str(e), "lines") from None
     if start is None or end is None:
         raise bad("give start and end (characters) or lines", "start")
     if not start <= end <= len(text):
         raise bad(f"need 0 <= start <= end <= {len(text)} (the text's length), got {start}, {end}", "end")
     return start, end
-
-
-def line_span(text: str, first: int, last: int) -> tuple[int, int]:
-    lines = text.splitlines(keepends=True)
-    if not 1 <= first <= last <= len(lines):
-        raise bad(f"lines must be within 1-{len(lines)} and ascending, got {first}-{last}", "lines")
-    start = sum(len(x) for x in lines[: first - 1])
-    end = sum(len(x) for x in lines[:last])
-    return start, end - (len(lines[last - 1]) - len(lines[last - 1].rstrip("\r\n")))
 
 
 # --- responses ----------------------------------------------------------------------------------------------------
@@ -336,7 +333,7 @@ def _draft_event(fe: Frontend, head: dict, i: int, d: StepEvent) -> str:
     draft = {
         "index": i, "canvas": d.canvas_index, "step": d.step, "tokens": d.draft,
         "pieces": [fe.piece(t) for t in d.draft], "accepted": d.accepted,
-        "entropy": [round(h, 4) for h in d.entropy], "settled": d.settled, "fixed": d.fixed,
+        "entropy": [round(h, 4) + 0.0 for h in d.entropy], "settled": d.settled, "fixed": d.fixed,
     }  # fmt: skip
     return "event: draft\n" + _data({**head, "object": "dgemma.draft", "choices": [], "dgemma_draft": draft})
 

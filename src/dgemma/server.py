@@ -108,7 +108,8 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: oa.CompletionRequest, request: Request):
-        p = oa.params(srv, body, oa.completion_prompt(srv, body), body.max_tokens, suffix=body.suffix)
+        prompt, moved = oa.completion_prompt(srv, body)
+        p = oa.params(srv, body, prompt, body.max_tokens, suffix=body.suffix, fill_space=moved)
         return await oa.respond(srv, await srv.plan(p), request, "text")
 
     @app.post("/v1/chat/completions")

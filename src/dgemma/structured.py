@@ -1,0 +1,944 @@
+"""Structured output: compile an OpenAI `response_format` into a JSON template the diffusion engine fills.
+
+A template pins the JSON skeleton (braces, keys, colons, commas, padding whitespace, the final EOS) to fixed output
+positions and leaves every scalar value a *slot*: a run of positions inside one canvas whose tokens must spell a
+word of a byte-level DFA (a JSON string, number, literal, enum, ... with optional surrounding whitespace, which is
+how a fixed-size slot holds a shorter value). Each slot position gets an allowed-vocabulary mask (tokens that lie on
+some accepted path of exactly the slot's length), so denoising stays on grammar; positions are sampled
+independently, though, so the guarantee comes from `JsonTemplate.finalize`: at commit it returns, per slot, the
+most probable token path the DFA accepts (Viterbi over positions x states).
+
+Everything per-token is vectorized: token bytes are read once per tokenizer, each DFA is lifted to tokens by walking
+all (state, token) pairs a byte column at a time, and tokens with identical transition columns are merged into
+classes so masks, viability and the DP run on [S, K] tables instead of [S, V].
+
+Deliberately not here: calling the model, sampling, or any schema keyword whose output we could not guarantee to
+validate -- those raise `UnsupportedSchema` naming the keyword and its place (the server answers 400).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import re
+import threading
+import urllib.parse
+import weakref
+
+import numpy as np
+import torch
+
+# Slot sizes in tokens (a slot may be shrunk to fit one canvas). Literals get their own tokenization + 1.
+STRING_TOKENS, INTEGER_TOKENS, NUMBER_TOKENS = 16, 6, 8
+JSON_OBJECT_TOKENS = 256  # the free object of {"type": "json_object"}, capped at one canvas minus the EOS
+MAX_TOKEN_BYTES = 64  # longer tokens are simply never allowed in a slot
+MAX_POSITIONS = 4096  # template length cap (all canvases together)
+MAX_DEPTH = 32
+MAX_ENUM_VALUES, MAX_ENUM_BYTES = 256, 4096
+_FLOOR = -1e9  # stands in for -inf/NaN log-probs inside the mask: such tokens lose to any finite one, yet stay usable
+
+SUPPORTED_FEATURES = [
+    (
+        'response_format {"type": "text"} (no template), {"type": "json_object"} (a flat object of string keys and '
+        'scalar values, one canvas long) and {"type": "json_schema", "json_schema": {"schema": ...}}'
+    ),
+    "type: object, array, string, integer, number, boolean, null; a list of scalar types (e.g. ['string', 'null'])",
+    (
+        "properties (all emitted, in schema order), required, additionalProperties and unevaluatedProperties (any value; "
+        "only declared properties are emitted), minProperties/maxProperties (optional properties are dropped to fit)"
+    ),
+    "items (one schema), minItems/maxItems (fixed item count), uniqueItems when the count is at most 1",
+    "enum and const of any JSON values (filtered by a sibling type; a single value is pinned like the skeleton)",
+    "nested objects and arrays; $ref to local JSON pointers such as #/$defs/... and #/definitions/... (not recursive)",
+    (
+        "anyOf/oneOf/allOf with a single branch; anyOf of scalar branches (one slot accepting any branch); anyOf with an "
+        "object/array branch (the first such branch is emitted)"
+    ),
+    "empty schema / true (any scalar value)",
+    (
+        "annotations ignored: title, description, default, examples, $comment, deprecated, readOnly, writeOnly, "
+        "$schema, $anchor, $id at the root, x-* extensions"
+    ),
+]
+REFUSED_FEATURES = [
+    "minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf",
+    "minLength, maxLength, pattern, format, contentEncoding, contentMediaType, contentSchema",
+    "patternProperties, propertyNames, dependentRequired, dependentSchemas, dependencies",
+    (
+        "prefixItems, items as a list, additionalItems, unevaluatedItems, contains, minContains, maxContains, "
+        "uniqueItems with 2 or more items"
+    ),
+    "not, if/then/else, oneOf or allOf with several branches, type lists mixing object/array with other types",
+    "recursive $ref, non-local $ref, $dynamicRef, $recursiveRef, $id below the root",
+    "the schema false, required properties that are not declared, minItems > maxItems",
+    "any unknown keyword; templates longer than MAX_POSITIONS tokens",
+]
+
+
+class UnsupportedSchema(ValueError):
+    """A response_format feature whose output could not be guaranteed valid; the message names it and where."""
+
+
+def _refuse(what: str, path: str) -> UnsupportedSchema:
+    return UnsupportedSchema(f"response_format: {what} (at {path})")
+
+
+def _malformed(what: str, path: str) -> ValueError:
+    return ValueError(f"response_format: {what} (at {path})")
+
+
+# --- byte-level regular expressions -> DFAs ---------------------------------------------------------------------
+# A regex is an int (a 256-bit set: one byte from it) or a tuple ("seq" | "alt", *parts) / ("star" | "opt", part).
+
+
+def _bs(chars: bytes | str = b"", lo: int | None = None, hi: int | None = None) -> int:
+    """The byte set of `chars` plus the range lo..hi."""
+    chars = chars.encode() if isinstance(chars, str) else chars
+    mask = 0
+    for b in chars:
+        mask |= 1 << b
+    if lo is not None:
+        mask |= ((1 << (hi - lo + 1)) - 1) << lo
+    return mask
+
+
+def _lit(text: bytes | str) -> tuple:
+    text = text.encode() if isinstance(text, str) else text
+    return ("seq", *(1 << b for b in text))
+
+
+_WS = _bs(" \t\n\r")  # RFC 8259 section 2: insignificant whitespace
+_DIGIT, _HEX = _bs(lo=0x30, hi=0x39), _bs("abcdefABCDEF", 0x30, 0x39)
+_CONT = _bs(lo=0x80, hi=0xBF)
+_UTF8 = (  # RFC 3629 section 4: well-formed multi-byte sequences only (no surrogates, nothing above U+10FFFF)
+    "alt",
+    ("seq", _bs(lo=0xC2, hi=0xDF), _CONT),
+    ("seq", 1 << 0xE0, _bs(lo=0xA0, hi=0xBF), _CONT),
+    ("seq", _bs(lo=0xE1, hi=0xEC) | _bs(lo=0xEE, hi=0xEF), _CONT, _CONT),
+    ("seq", 1 << 0xED, _bs(lo=0x80, hi=0x9F), _CONT),
+    ("seq", 1 << 0xF0, _bs(lo=0x90, hi=0xBF), _CONT, _CONT),
+    ("seq", _bs(lo=0xF1, hi=0xF3), _CONT, _CONT, _CONT),
+    ("seq", 1 << 0xF4, _bs(lo=0x80, hi=0x8F), _CONT, _CONT),
+)
+# \uXXXX escapes exclude the surrogate range D800-DFFF: a lone surrogate is legal JSON text but not valid Unicode.
+_UESC = ("alt", ("seq", _HEX & ~_bs("dD"), _HEX, _HEX, _HEX), ("seq", _bs("dD"), _bs(lo=0x30, hi=0x37), _HEX, _HEX))
+_PLAIN = _bs(lo=0x20, hi=0x7F) & ~_bs('"\\')  # RFC 8259 section 7: control characters must be escaped
+_ESCAPE = ("seq", _bs("\\"), ("alt", _bs('"\\/bfnrt'), ("seq", _bs("u"), _UESC)))
+_STRING = ("seq", _bs('"'), ("star", ("alt", _PLAIN, _ESCAPE, _UTF8)), _bs('"'))
+_INTEGER = ("seq", ("opt", _bs("-")), ("alt", _bs("0"), ("seq", _bs(lo=0x31, hi=0x39), ("star", _DIGIT))))
+_DIGITS = ("seq", _DIGIT, ("star", _DIGIT))
+_NUMBER = (
+    "seq",
+    _INTEGER,
+    ("opt", ("seq", _bs("."), _DIGITS)),
+    ("opt", ("seq", _bs("eE"), ("opt", _bs("+-")), _DIGITS)),
+)
+_KIND_RX = {"string": _STRING, "integer": _INTEGER, "number": _NUMBER}
+
+
+def _padded(rx) -> tuple:
+    return ("seq", ("star", _WS), rx, ("star", _WS))
+
+
+def _flat_object_rx() -> tuple:
+    """{"key": scalar, ...} with string keys and string/number/true/false/null values (json_object mode)."""
+    ws = ("star", _WS)
+    scalar = ("alt", _STRING, _NUMBER, _lit("true"), _lit("false"), _lit("null"))
+    member = ("seq", _STRING, ws, _bs(":"), ws, scalar, ws)
+    members = ("seq", member, ("star", ("seq", _bs(","), ws, member)))
+    return _padded(("seq", _bs("{"), ws, ("opt", members), _bs("}")))
+
+
+class _Nfa:
+    """Thompson construction: per state a list of epsilon targets and of (byte set, target) edges."""
+
+    def __init__(self):
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[int, int]]] = []
+
+    def state(self) -> int:
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def build(self, rx) -> tuple[int, int]:
+        if isinstance(rx, int):
+            s, e = self.state(), self.state()
+            self.edges[s].append((rx, e))
+            return s, e
+        op, *parts = rx
+        if op == "seq":
+            s = e = self.state()
+            for part in parts:
+                ps, pe = self.build(part)
+                self.eps[e].append(ps)
+                e = pe
+            return s, e
+        s, e = self.state(), self.state()
+        if op == "alt":
+            for part in parts:
+                ps, pe = self.build(part)
+                self.eps[s].append(ps)
+                self.eps[pe].append(e)
+            return s, e
+        ps, pe = self.build(parts[0])  # star / opt
+        self.eps[s] += [ps, e]
+        self.eps[pe].append(e)
+        if op == "star":
+            self.eps[pe].append(ps)
+        return s, e
+
+    def closure(self, states) -> frozenset[int]:
+        seen, todo = set(states), list(states)
+        while todo:
+            for t in self.eps[todo.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(seen)
+
+
+def _byte_classes(masks) -> list[int]:
+    """The coarsest partition of the 256 bytes that every mask is a union of (determinize per class, not byte)."""
+    classes = [(1 << 256) - 1]
+    for m in masks:
+        classes = [part for c in classes for part in (c & m, c & ~m) if part]
+    return classes
+
+
+@dataclasses.dataclass
+class _ByteDfa:
+    table: np.ndarray  # [S, 256] int32 next state, -1 = dead
+    start: int
+    accept: np.ndarray  # [S] bool
+
+
+def _compile_rx(rx) -> _ByteDfa:
+    """Subset construction over byte classes, then Moore minimization."""
+    nfa = _Nfa()
+    s0, final = nfa.build(rx)
+    classes = _byte_classes({m for edges in nfa.edges for m, _ in edges})
+    reps = [(c & -c).bit_length() - 1 for c in classes]
+    index, order, rows = {nfa.closure([s0]): 0}, [nfa.closure([s0])], []
+    while len(rows) < len(order):
+        current = order[len(rows)]
+        row = []
+        for b in reps:
+            nxt = nfa.closure([t for s in current for m, t in nfa.edges[s] if m >> b & 1])
+            if nxt and nxt not in index:
+                index[nxt] = len(order)
+                order.append(nxt)
+            row.append(index[nxt] if nxt else -1)
+        rows.append(row)
+    by_class = np.array(rows, dtype=np.int32)  # [S, classes]
+    table = np.full((len(order), 256), -1, dtype=np.int32)
+    for ci, c in enumerate(classes):
+        table[:, [b for b in range(256) if c >> b & 1]] = by_class[:, ci : ci + 1]
+    return _minimize(_ByteDfa(table, 0, np.array([final in st for st in order])))
+
+
+def _minimize(dfa: _ByteDfa) -> _ByteDfa:
+    """Moore's partition refinement; every state of our DFAs can reach acceptance, so no pruning is needed."""
+    part = dfa.accept.astype(np.int64)
+    while True:
+        targets = np.where(dfa.table >= 0, part[dfa.table], -1)  # [S, 256]
+        _, new = np.unique(np.concatenate([part[:, None], targets], 1), axis=0, return_inverse=True)
+        new = new.reshape(-1)
+        if new.max() == part.max():
+            break
+        part = new
+    n = int(part.max()) + 1
+    rep = np.zeros(n, dtype=np.int64)
+    rep[part] = np.arange(len(part))
+    rows = dfa.table[rep]
+    table = np.where(rows >= 0, part[rows], -1).astype(np.int32)
+    return _ByteDfa(table, int(part[dfa.start]), dfa.accept[rep])
+
+
+# --- tokenizer bytes ----------------------------------------------------------------------------------------------
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """Inverse of the GPT-2 ByteLevel map: printable bytes stand for themselves, the rest shift to U+0100 on."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {chr(b): b for b in printable}
+    shifted = [b for b in range(256) if b not in set(printable)]
+    chars.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return chars
+
+
+def _types_in(node) -> set[str]:
+    """Every component "type" of a tokenizer.json decoder / pre-tokenizer, through Sequences."""
+    if not isinstance(node, dict):
+        return set()
+    found = {node.get("type")}
+    for child in node.get("decoders", None) or node.get("pretokenizers", None) or []:
+        found |= _types_in(child)
+    return found
+
+
+def _piece_decoder(spec: dict):
+    """piece string -> raw bytes, for byte-level BPE or SentencePiece-style (metaspace + byte fallback) models."""
+    decoders = _types_in(spec.get("decoder"))
+    if "ByteLevel" in decoders:
+        chars = _gpt2_byte_chars()
+        return lambda piece: bytes(chars[c] for c in piece) if all(c in chars for c in piece) else None
+    model = spec.get("model") or {}
+    if decoders & {"Replace", "Metaspace", "ByteFallback"}:
+        fallback = re.compile(r"<0x([0-9A-Fa-f]{2})>") if model.get("byte_fallback") else None
+
+        def piece_bytes(piece: str) -> bytes:
+            m = fallback.fullmatch(piece) if fallback else None
+            return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+
+        return piece_bytes
+    raise ValueError(f"structured output needs a byte-level or SentencePiece-style tokenizer, not decoder {decoders}")
+
+
+class _Vocab:
+    """Per-tokenizer token bytes, laid out for the column-at-a-time DFA walk; built once and cached."""
+
+    def __init__(self, tokenizer):
+        spec = json.loads(tokenizer.tok.to_str())
+        decode = _piece_decoder(spec)
+        self.size = tokenizer.vocab_size
+        added = {t["id"] for t in spec.get("added_tokens") or []}  # special or not: never in a slot
+        self.bytes: list[bytes | None] = [None] * self.size
+        for piece, i in tokenizer.tok.get_vocab(with_added_tokens=False).items():
+            if i < self.size and i not in added:
+                self.bytes[i] = decode(piece) or None
+        usable = [(b[0], i) for i, b in enumerate(self.bytes) if b is not None and len(b) <= MAX_TOKEN_BYTES]
+        self.order = np.array([i for _, i in sorted(usable)], dtype=np.int64)  # token ids, sorted by first byte
+        self.lens = np.array([len(self.bytes[i]) for i in self.order], dtype=np.int64)
+        width = int(self.lens.max(initial=1))
+        flat = b"".join(self.bytes[i].ljust(width, b"\0") for i in self.order)
+        self.mat = np.frombuffer(flat, dtype=np.uint8).reshape(len(self.order), width)  # [N, L]
+        self.first_off = np.searchsorted(self.mat[:, 0], np.arange(257)) if len(self.order) else np.zeros(257, int)
+        self.ws_id = self._whitespace_token()
+        self.dfas: collections.OrderedDict = collections.OrderedDict()  # spec key -> _TokenDfa (LRU)
+
+    def _whitespace_token(self) -> int | None:
+        """A token that is pure JSON whitespace, preferring a single space (used to pad before a slot)."""
+        for want in (b" ", b"\n"):
+            hits = [i for i, b in enumerate(self.bytes) if b == want]
+            if hits:
+                return hits[0]
+        pure = [i for i, b in enumerate(self.bytes) if b and not b.strip(b" \t\n\r")]
+        return min(pure, key=lambda i: len(self.bytes[i])) if pure else None
+
+
+_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+_DFA_CACHE_SIZE = 64
+
+
+def _vocab(tokenizer) -> _Vocab:
+    with _LOCK:
+        vocab = _VOCABS.get(tokenizer)
+        if vocab is None:
+            vocab = _VOCABS[tokenizer] = _Vocab(tokenizer)
+        return vocab
+
+
+def _token_transitions(dfa: _ByteDfa, vocab: _Vocab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(origin state, token id, final state) for every pair whose whole token stays alive in the DFA.
+
+    Pairs start from the first byte (tokens are sorted by it, so each live (state, byte) is one index range) and
+    are filtered a byte column at a time; the work is proportional to the pairs still alive, not S x V x L.
+    """
+    s_idx, b_idx = np.nonzero(dfa.table >= 0)
+    counts = vocab.first_off[b_idx + 1] - vocab.first_off[b_idx]
+    origin = np.repeat(s_idx, counts)
+    cur = np.repeat(dfa.table[s_idx, b_idx], counts).astype(np.int64)
+    tok = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts - vocab.first_off[b_idx], counts)
+    done = []
+    for j in range(1, vocab.mat.shape[1] + 1):
+        fin = vocab.lens[tok] == j
+        done.append((origin[fin], tok[fin], cur[fin]))
+        origin, tok, cur = origin[~fin], tok[~fin], cur[~fin]
+        if not len(tok):
+            break
+        cur = dfa.table[cur, vocab.mat[tok, j]].astype(np.int64)
+        alive = cur >= 0
+        origin, tok, cur = origin[alive], tok[alive], cur[alive]
+    origin, tok, cur = (np.concatenate(parts) for parts in zip(*done))
+    return origin, vocab.order[tok], cur
+
+
+@dataclasses.dataclass(eq=False)
+class _TokenDfa:
+    """A DFA over tokens: tokens with identical transition columns share a class."""
+
+    class_id: np.ndarray  # [V] int64
+    trans: np.ndarray  # [S, K] int64 next state, -1 = dead
+    start: int
+    accept: np.ndarray  # [S] bool
+    plans: dict = dataclasses.field(default_factory=dict)  # slot length -> class masks [k, K] | None
+    device_ids: dict = dataclasses.field(default_factory=dict)  # device -> class_id as a torch tensor
+
+    def ids_on(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self.device_ids:
+            self.device_ids[key] = torch.from_numpy(self.class_id).to(device)
+        return self.device_ids[key]
+
+
+def _lift(dfa: _ByteDfa, vocab: _Vocab) -> _TokenDfa:
+    """The token-level DFA; classes come from a random 64-bit hash of each token's column, checked exactly."""
+    origin, tok, final = _token_transitions(dfa, vocab)
+    S = dfa.table.shape[0]
+    for seed in range(4):
+        weights = np.random.default_rng(seed).integers(1, 2**63, size=S, dtype=np.uint64) | np.uint64(1)
+        h = np.zeros(vocab.size, dtype=np.uint64)
+        np.add.at(h, tok, (final.astype(np.uint64) + np.uint64(1)) * weights[origin])  # wraps mod 2**64
+        _, first, class_id = np.unique(h, return_index=True, return_inverse=True)
+        class_id = class_id.reshape(-1)
+        trans = np.full((S, len(first)), -1, dtype=np.int64)
+        trans[origin, class_id[tok]] = final
+        # Exact check: every pair agrees with its class, and every token has as many live pairs as its class.
+        per_token = np.bincount(tok, minlength=vocab.size)
+        if (trans[origin, class_id[tok]] == final).all() and (per_token == (trans >= 0).sum(0)[class_id]).all():
+            return _TokenDfa(class_id, trans, dfa.start, dfa.accept)
+    raise AssertionError("token class hashing collided repeatedly")
+
+
+# --- value specs and slots ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scalar:
+    """A slot's language: JSON strings/integers/numbers of the given kinds, or one of the literal encodings."""
+
+    kinds: frozenset = frozenset()
+    literals: frozenset = frozenset()
+
+    def union(self, other: _Scalar) -> _Scalar:
+        kinds = self.kinds | other.kinds
+        if "number" in kinds:
+            kinds -= {"integer"}  # every integer text is a number text
+        return _Scalar(kinds, self.literals | other.literals)
+
+    def rx(self):
+        branches = [_KIND_RX[k] for k in sorted(self.kinds)] + [_lit(x) for x in sorted(self.literals)]
+        return _padded(("alt", *branches))
+
+
+_BOOL = _Scalar(literals=frozenset({b"true", b"false"}))
+_NULL = _Scalar(literals=frozenset({b"null"}))
+_ANY = _Scalar(frozenset({"string", "number"})).union(_BOOL).union(_NULL)
+_TYPE_SPECS = {
+    "string": _Scalar(frozenset({"string"})),
+    "integer": _Scalar(frozenset({"integer"})),
+    "number": _Scalar(frozenset({"number"})),
+    "boolean": _BOOL,
+    "null": _NULL,
+}
+_KIND_TOKENS = {"string": STRING_TOKENS, "integer": INTEGER_TOKENS, "number": NUMBER_TOKENS}
+
+
+def _token_dfa(vocab: _Vocab, key, rx) -> _TokenDfa:
+    with _LOCK:
+        if key in vocab.dfas:
+            vocab.dfas.move_to_end(key)
+            return vocab.dfas[key]
+    tdfa = _lift(_compile_rx(rx), vocab)
+    with _LOCK:
+        vocab.dfas[key] = tdfa
+        while len(vocab.dfas) > _DFA_CACHE_SIZE:
+            vocab.dfas.popitem(last=False)
+    return tdfa
+
+
+def _slot_plan(tdfa: _TokenDfa, k: int) -> np.ndarray | None:
+    """Class masks [k, K] for a slot of exactly k tokens, or None when no accepted path has that length.
+
+    Forward sets R_i (reachable from the start in i tokens) and backward sets B_i (accepting within k - i tokens);
+    a class may sit at position i iff it leads some state of R_i & B_i into B_{i+1}.
+    """
+    if k in tdfa.plans:
+        return tdfa.plans[k]
+    S = len(tdfa.accept)
+    live = tdfa.trans >= 0
+    adj = np.zeros((S, S), dtype=bool)
+    rows, cols = np.nonzero(live)
+    adj[rows, tdfa.trans[rows, cols]] = True
+    fwd = [np.arange(S) == tdfa.start]
+    for _ in range(k):
+        fwd.append(adj[fwd[-1]].any(0))
+    back = [tdfa.accept]
+    for _ in range(k):
+        back.append((adj & back[-1][None, :]).any(1))
+    back.reverse()
+    plan = None
+    if (fwd[k] & back[k]).any():
+        safe = np.where(live, tdfa.trans, 0)
+        plan = np.stack([(live & back[i + 1][safe])[fwd[i] & back[i]].any(0) for i in range(k)])
+    tdfa.plans[k] = plan
+    return plan
+
+
+@dataclasses.dataclass
+class _Slot:
+    start: int  # first output position
+    tdfa: _TokenDfa
+    plan: np.ndarray  # [k, K] bool class masks
+
+
+def _class_best(lp: torch.Tensor, tdfa: _TokenDfa) -> tuple[np.ndarray, np.ndarray]:
+    """Per position and class: the best log-prob [P, K] (float64) and the token holding it [P, K]."""
+    P, V = lp.shape
+    K = tdfa.trans.shape[1]
+    ids = tdfa.ids_on(lp.device)
+    vals, toks = [], []
+    step = max(1, (1 << 22) // V)  # rows per chunk: bounds the [rows, V] int64 temporaries
+    for lo in range(0, P, step):
+        x = torch.nan_to_num(lp[lo : lo + step].float(), nan=_FLOOR, posinf=0.0, neginf=_FLOOR).clamp_min(_FLOOR)
+        idx = ids.expand(x.shape[0], V)
+        best = torch.full((x.shape[0], K), -math.inf, device=x.device).scatter_reduce(1, idx, x, "amax")
+        hit = x == best.gather(1, idx)
+        where = torch.where(hit, torch.arange(V, device=x.device).expand_as(idx), V)
+        tok = torch.full((x.shape[0], K), V, device=x.device, dtype=torch.long).scatter_reduce(1, idx, where, "amin")
+        vals.append(best.double().cpu())
+        toks.append(tok.cpu())
+    return torch.cat(vals).numpy(), torch.cat(toks).numpy()
+
+
+def _viterbi(tdfa: _TokenDfa, plan: np.ndarray, best: np.ndarray) -> list[int]:
+    """Best accepted path of classes: returns the class index per position. best: [k, K] class log-probs."""
+    S = tdfa.trans.shape[0]
+    score = np.full(S, -math.inf)
+    score[tdfa.start] = 0.0
+    back = []
+    for i in range(len(plan)):
+        rows, cols = np.flatnonzero(np.isfinite(score)), np.flatnonzero(plan[i])
+        sub = tdfa.trans[np.ix_(rows, cols)]  # [r, c]
+        cand = torch.from_numpy((score[rows, None] + best[i, cols][None, :]).reshape(-1))
+        tgt = torch.from_numpy(np.where(sub >= 0, sub, S).reshape(-1))
+        cand = torch.where(tgt < S, cand, -math.inf)
+        new = torch.full((S + 1,), -math.inf, dtype=torch.float64).scatter_reduce(0, tgt, cand, "amax")
+        hit = (cand == new[tgt]) & torch.isfinite(cand)
+        where = torch.where(hit, torch.arange(len(cand)), len(cand))
+        arg = torch.full((S + 1,), len(cand), dtype=torch.long).scatter_reduce(0, tgt, where, "amin")[:S].numpy()
+        ok = arg < len(cand)
+        prev, cls = np.full(S, -1), np.full(S, -1)
+        prev[ok], cls[ok] = rows[arg[ok] // len(cols)], cols[arg[ok] % len(cols)]
+        back.append((prev, cls))
+        score = new[:S].numpy()
+    final = np.where(tdfa.accept, score, -math.inf)
+    s = int(final.argmax())
+    assert np.isfinite(final[s]), "no accepted path although the slot plan had one"
+    path = []
+    for prev, cls in reversed(back):
+        path.append(int(cls[s]))
+        s = int(prev[s])
+    return path[::-1]
+
+
+# --- the template -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class JsonTemplate:
+    """Pinned skeleton + masked value slots over output positions [0, length); position length - 1 is the EOS."""
+
+    length: int
+    fixed: dict[int, int]
+    masks: torch.Tensor  # [M, V] bool
+    mask_at: dict[int, int]
+    _slots: list[_Slot] = dataclasses.field(default_factory=list, repr=False)
+
+    def finalize(self, start: int, logprobs: torch.Tensor) -> dict[int, int]:
+        """Tokens of every slot inside the canvas [start, start + C): per slot, the most probable accepted path.
+
+        logprobs [C, V] may put mass outside the masks (it is ignored) or be -inf/NaN (treated as a very low but
+        finite score, so a valid path always exists).
+        """
+        C = logprobs.shape[0]
+        chosen: dict[int, int] = {}
+        for slot in (s for s in self._slots if start <= s.start < start + C):
+            k = len(slot.plan)
+            best, toks = _class_best(logprobs[slot.start - start : slot.start - start + k], slot.tdfa)
+            best = np.where(slot.plan, best, -math.inf)
+            for i, cls in enumerate(_viterbi(slot.tdfa, slot.plan, best)):
+                chosen[slot.start + i] = int(toks[i, cls])
+        return chosen
+
+
+class _Builder:
+    """Walks a schema into a list of pinned token runs and slots, then lays them out on canvases."""
+
+    def __init__(self, root, tokenizer, vocab: _Vocab, canvas_length: int):
+        self.root, self.tokenizer, self.vocab, self.C = root, tokenizer, vocab, canvas_length
+        self.items: list = []  # list[int] (pinned ids) | (tdfa, size, path)
+        self.budget = 0
+
+    def _spend(self, n: int, path: str) -> None:
+        self.budget += n
+        if self.budget > MAX_POSITIONS:
+            raise _refuse(f"the output template would exceed {MAX_POSITIONS} tokens", path)
+
+    def pin(self, text: str, path: str) -> None:
+        ids = self.tokenizer.encode(text, parse_special=False)
+        got = b"".join(self.vocab.bytes[i] or b"\xff" for i in ids)
+        if got.strip(b" ") != text.encode().strip(b" "):
+            raise ValueError(f"the tokenizer does not spell {text!r} with plain tokens (got {got!r})")
+        self._spend(len(ids), path)
+        self.items.append(ids)
+
+    def slot(self, spec: _Scalar, path: str) -> None:
+        if not spec.kinds and len(spec.literals) == 1:  # a const is skeleton, not a choice (and may span canvases)
+            return self.pin(next(iter(spec.literals)).decode(), path)
+        tdfa = _token_dfa(self.vocab, spec, spec.rx())
+        spelled = {x: len(self.tokenizer.encode(x.decode(), parse_special=False)) for x in spec.literals}
+        longest = max(spelled, key=spelled.get, default=None)
+        if longest is not None and spelled[longest] > self.C:  # it could never be chosen: say so, don't drop it
+            raise _refuse(f"the value {longest.decode()} needs more than {self.C} tokens (one canvas)", path)
+        sizes = [_KIND_TOKENS[k] for k in spec.kinds] + [n + 1 for n in spelled.values()]
+        size = min(max(sizes), self.C)
+        self._spend(size, path)
+        self.items.append((tdfa, size, path))
+
+    def free_object(self) -> None:
+        tdfa = _token_dfa(self.vocab, "json_object", _flat_object_rx())
+        self.items.append((tdfa, max(1, min(JSON_OBJECT_TOKENS, self.C - 1)), "$"))
+
+    def layout(self, eos_id: int) -> JsonTemplate:
+        fixed, slots, p = {}, [], 0
+        for item in self.items:
+            if isinstance(item, list):
+                fixed.update({p + i: t for i, t in enumerate(item)})
+                p += len(item)
+                continue
+            tdfa, size, path = item
+            size, plan = self._fit(tdfa, size, path)
+            if p % self.C + size > self.C:  # a slot never straddles canvases: pad with whitespace up to the next
+                if self.vocab.ws_id is None:
+                    raise ValueError("the tokenizer has no whitespace token to pad the template with")
+                fixed.update(dict.fromkeys(range(p, p + self.C - p % self.C), self.vocab.ws_id))
+                p += self.C - p % self.C
+            slots.append(_Slot(p, tdfa, plan))
+            p += size
+        fixed[p] = eos_id
+        if p + 1 > MAX_POSITIONS:
+            raise _refuse(f"the output template would exceed {MAX_POSITIONS} tokens", "$")
+        return _assemble(p + 1, fixed, slots, self.vocab)
+
+    def _fit(self, tdfa: _TokenDfa, size: int, path: str) -> tuple[int, np.ndarray]:
+        """The largest slot length <= size that has an accepted path with this tokenizer."""
+        for k in range(size, 0, -1):
+            plan = _slot_plan(tdfa, k)
+            if plan is not None:
+                return k, plan
+        raise _refuse(f"this value needs more than {size} tokens, and a slot must fit one canvas of {self.C}", path)
+
+
+def _assemble(length: int, fixed: dict[int, int], slots: list[_Slot], vocab: _Vocab) -> JsonTemplate:
+    """Expand class masks to vocabulary rows, deduplicated."""
+    rows, row_of, mask_at = [], {}, {}
+    for slot in slots:
+        for i, classes in enumerate(slot.plan):
+            row = classes[slot.tdfa.class_id]
+            key = np.packbits(row).tobytes()
+            if key not in row_of:
+                row_of[key] = len(rows)
+                rows.append(torch.from_numpy(row))
+            mask_at[slot.start + i] = row_of[key]
+    masks = torch.stack(rows) if rows else torch.zeros((0, vocab.size), dtype=torch.bool)
+    return JsonTemplate(length, fixed, masks, mask_at, slots)
+
+
+# --- schema walk --------------------------------------------------------------------------------------------------
+
+_ANNOTATIONS = frozenset(
+    {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
+    | {"$schema", "$anchor", "$defs", "definitions"}
+)
+_OBJECT_KEYS = frozenset(
+    {"properties", "required", "additionalProperties", "unevaluatedProperties", "minProperties", "maxProperties"}
+)
+_ARRAY_KEYS = frozenset({"items", "minItems", "maxItems", "uniqueItems"})
+_SUPPORTED = _OBJECT_KEYS | _ARRAY_KEYS | {"type", "enum", "const", "$ref", "anyOf", "oneOf", "allOf"}
+_REFUSED = frozenset(
+    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+    | {"minLength", "maxLength", "pattern", "format", "contentEncoding", "contentMediaType", "contentSchema"}
+    | {"patternProperties", "propertyNames", "dependentRequired", "dependentSchemas", "dependencies"}
+    | {"prefixItems", "additionalItems", "unevaluatedItems", "contains", "minContains", "maxContains"}
+    | {"not", "if", "then", "else", "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor"}
+    | {"$vocabulary"}
+)
+_TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
+
+
+def _live_keys(node: dict, path: str) -> set[str]:
+    """The node's validation keywords after refusing what we cannot honour; annotations drop out."""
+    live = set()
+    for key in node:
+        if key in _REFUSED:
+            raise _refuse(f"{key!r} is not supported", path)
+        if key == "$id" and path != "$":
+            raise _refuse("'$id' below the root is not supported", path)
+        if key in _SUPPORTED:
+            live.add(key)
+        elif key not in _ANNOTATIONS and key != "$id" and not key.startswith("x-"):
+            raise _refuse(f"unknown keyword {key!r} is not supported", path)
+    return live
+
+
+def _pointer_path(ref: str) -> str:
+    return "$" + "".join(f".{seg}" for seg in ref[2:].split("/")) if ref != "#" else "$"
+
+
+def _lookup(root, ref, path: str):
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        raise _refuse(f"'$ref' {ref!r} is not supported (only local '#/...' pointers)", path)
+    node = root
+    for seg in ref[2:].split("/") if ref != "#" else []:  # RFC 6901 unescaping after URI-fragment decoding
+        seg = urllib.parse.unquote(seg).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and seg in node:
+            node = node[seg]
+        elif isinstance(node, list) and seg.isdigit() and int(seg) < len(node):
+            node = node[int(seg)]
+        else:
+            raise _malformed(f"'$ref' {ref!r} does not resolve", path)
+    return node
+
+
+def _resolve(node, path: str, root, refs: frozenset) -> tuple[dict, str, frozenset]:
+    """Follow $ref and single-branch anyOf/oneOf/allOf down to a schema with real keywords."""
+    while True:
+        if node is True:
+            return {}, path, refs
+        if node is False:
+            raise _refuse("the schema false (no value is valid) is not supported", path)
+        if not isinstance(node, dict):
+            raise _malformed("a schema must be an object or a boolean", path)
+        live = _live_keys(node, path)
+        if "$ref" in node:
+            if live != {"$ref"}:
+                raise _refuse("'$ref' alongside other keywords is not supported", path)
+            ref = node["$ref"]
+            if ref in refs:
+                raise _refuse(f"recursive '$ref' {ref!r} is not supported", path)
+            node, path, refs = _lookup(root, ref, path), _pointer_path(ref), refs | {ref}
+            continue
+        single = [kw for kw in ("anyOf", "oneOf", "allOf") if kw in live and _branches(node, kw, path) == 1]
+        if not single:
+            return node, path, refs
+        if live != {single[0]}:
+            raise _refuse(f"{single[0]!r} alongside other keywords is not supported", path)
+        node, path = node[single[0]][0], f"{path}.{single[0]}[0]"
+
+
+def _branches(node: dict, kw: str, path: str) -> int:
+    if not isinstance(node[kw], list) or not node[kw]:
+        raise _malformed(f"{kw!r} must be a non-empty list", path)
+    return len(node[kw])
+
+
+def _type_list(schema: dict, path: str) -> list[str] | None:
+    types = schema.get("type")
+    if types is None:
+        return None
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(types, list) or not types or any(t not in _TYPES for t in types):
+        raise _malformed(f"'type' must be one of {sorted(_TYPES)} or a list of them", path)
+    return list(dict.fromkeys(types))
+
+
+def _type_ok(value, types: list[str] | None) -> bool:
+    """JSON Schema's type test (an integer-valued float counts as an integer)."""
+    if types is None:
+        return True
+    kind = {bool: "boolean", str: "string", dict: "object", list: "array", type(None): "null"}.get(type(value))
+    if kind is None and isinstance(value, (int, float)):
+        whole = isinstance(value, int) or value.is_integer()
+        return "number" in types or ("integer" in types and whole)
+    return kind in types
+
+
+def _encode_literal(value, path: str) -> bytes:
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: its \u escape is still valid JSON
+        return json.dumps(value, separators=(",", ":")).encode()
+    except (TypeError, ValueError):
+        raise _malformed(f"enum/const value {value!r} is not JSON", path) from None
+
+
+def _literal_spec(schema: dict, types: list[str] | None, path: str) -> _Scalar:
+    values = schema["enum"] if "enum" in schema else [schema["const"]]
+    if not isinstance(values, list) or not values:
+        raise _malformed("'enum' must be a non-empty list", path)
+    if len(values) > MAX_ENUM_VALUES:
+        raise _refuse(f"'enum' with more than {MAX_ENUM_VALUES} values is not supported", path)
+    encoded = {_encode_literal(v, path) for v in values if _type_ok(v, types)}
+    if "enum" in schema and "const" in schema:
+        encoded &= {_encode_literal(schema["const"], path)}
+    if not encoded:
+        raise _refuse("no 'enum'/'const' value satisfies the rest of the schema", path)
+    if sum(map(len, encoded)) > MAX_ENUM_BYTES:
+        raise _refuse(f"'enum' values longer than {MAX_ENUM_BYTES} bytes in all are not supported", path)
+    return _Scalar(literals=frozenset(encoded))
+
+
+def _scalar_spec(schema: dict, path: str) -> _Scalar | None:
+    """The slot language of a scalar-valued schema, or None for an object/array schema."""
+    types = _type_list(schema, path)
+    if "enum" in schema or "const" in schema:
+        return _literal_spec(schema, types, path)
+    if types is None:
+        if schema.keys() & _OBJECT_KEYS or schema.keys() & _ARRAY_KEYS:
+            return None
+        return _ANY
+    if "object" in types or "array" in types:
+        if len(types) > 1:
+            raise _refuse(f"a type list {types} mixing object/array with other types is not supported", path)
+        return None
+    spec = _Scalar()
+    for t in types:
+        spec = spec.union(_TYPE_SPECS[t])
+    return spec
+
+
+def _emit(b: _Builder, node, path: str, refs: frozenset, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise _refuse(f"schemas nested deeper than {MAX_DEPTH} levels are not supported", path)
+    schema, path, refs = _resolve(node, path, b.root, refs)
+    for kw in ("oneOf", "allOf"):
+        if kw in schema:
+            raise _refuse(f"{kw!r} with several branches is not supported", path)
+    if "anyOf" in schema:
+        return _emit_any_of(b, schema, path, refs, depth)
+    spec = _scalar_spec(schema, path)
+    if spec is not None:
+        return b.slot(spec, path)
+    is_object = _type_list(schema, path) == ["object"] or (schema.get("type") is None and schema.keys() & _OBJECT_KEYS)
+    (_emit_object if is_object else _emit_array)(b, schema, path, refs, depth)
+
+
+def _emit_any_of(b: _Builder, schema: dict, path: str, refs: frozenset, depth: int) -> None:
+    """Scalar branches merge into one slot; otherwise the first object/array branch is emitted (it validates)."""
+    if _live_keys(schema, path) != {"anyOf"}:
+        raise _refuse("'anyOf' alongside other keywords is not supported", path)
+    union, structured = _Scalar(), None
+    for i, branch in enumerate(schema["anyOf"]):
+        sub, sub_path, _ = _resolve(branch, f"{path}.anyOf[{i}]", b.root, refs)
+        spec = None if {"anyOf", "oneOf", "allOf"} & sub.keys() else _scalar_spec(sub, sub_path)
+        if spec is None:
+            structured = structured or (branch, f"{path}.anyOf[{i}]")
+        else:
+            union = union.union(spec)
+    if structured is not None:
+        return _emit(b, structured[0], structured[1], refs, depth + 1)
+    b.slot(union, path)
+
+
+def _int_keyword(schema: dict, key: str, path: str, default):
+    value = schema.get(key, default)
+    if value is not default and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise _malformed(f"{key!r} must be a non-negative integer", path)
+    return value
+
+
+def _chosen_properties(schema: dict, path: str) -> list[str]:
+    """Required properties plus optional ones in schema order, as many as maxProperties allows."""
+    props = schema.get("properties", {})
+    required = schema.get("required", [])
+    if not isinstance(props, dict) or not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise _malformed("'properties' must be an object and 'required' a list of names", path)
+    missing = [r for r in required if r not in props]
+    if missing:
+        raise _refuse(f"required properties {missing} are not declared in 'properties'", path)
+    lo = _int_keyword(schema, "minProperties", path, 0)
+    hi = _int_keyword(schema, "maxProperties", path, math.inf)
+    if len(set(required)) > hi:
+        raise _refuse("'maxProperties' is smaller than the number of required properties", path)
+    room = hi - len(set(required))
+    chosen = []
+    for name in props:
+        if name in required or room > 0:
+            room -= name not in required
+            chosen.append(name)
+    if len(chosen) < lo:
+        raise _refuse(f"'minProperties' {lo} is more than the {len(chosen)} declared properties", path)
+    return chosen
+
+
+def _emit_object(b: _Builder, schema: dict, path: str, refs: frozenset, depth: int) -> None:
+    names = _chosen_properties(schema, path)
+    b.pin("{", path)
+    for i, name in enumerate(names):
+        # ensure_ascii: a key is pinned text, so \u escapes keep it to tokens every tokenizer can spell.
+        b.pin(("," if i else "") + json.dumps(name) + ":", path)
+        _emit(b, schema["properties"][name], f"{path}.properties.{name}", refs, depth + 1)
+    b.pin("}", path)
+
+
+def _item_count(schema: dict, path: str) -> int:
+    """clamp(2, minItems, maxItems); at most 1 under uniqueItems (two free values could be equal)."""
+    lo = _int_keyword(schema, "minItems", path, 0)
+    hi = _int_keyword(schema, "maxItems", path, math.inf)
+    if hi < lo:
+        raise _refuse("'maxItems' is smaller than 'minItems'", path)
+    unique = schema.get("uniqueItems", False)
+    if unique is True and lo > 1:
+        raise _refuse("'uniqueItems' with 2 or more items is not supported", path)
+    return int(max(lo, min(1 if unique is True else 2, hi)))
+
+
+def _emit_array(b: _Builder, schema: dict, path: str, refs: frozenset, depth: int) -> None:
+    items = schema.get("items", True)
+    if isinstance(items, list):
+        raise _refuse("'items' as a list (tuple validation) is not supported", path)
+    n = _item_count(schema, path)
+    b.pin("[", path)
+    for i in range(n):
+        if i:
+            b.pin(",", path)
+        _emit(b, items, f"{path}.items", refs, depth + 1)
+    b.pin("]", path)
+
+
+# --- entry point --------------------------------------------------------------------------------------------------
+
+
+def compile_response_format(response_format: dict, tokenizer, canvas_length: int, eos_id: int) -> JsonTemplate | None:
+    """None for {"type": "text"}; a template for "json_object" and "json_schema" (OpenAI's request shape).
+
+    Raises UnsupportedSchema for schema features it cannot guarantee and ValueError for a malformed request.
+    """
+    schema = _schema_of(response_format)
+    if schema is None:
+        return None
+    if tokenizer is None:
+        raise ValueError("structured output needs the checkpoint's tokenizer.json")
+    if not isinstance(canvas_length, int) or canvas_length < 1 or not isinstance(eos_id, int):
+        raise ValueError(f"canvas_length must be a positive int and eos_id an int, not {canvas_length!r}, {eos_id!r}")
+    b = _Builder(schema, tokenizer, _vocab(tokenizer), canvas_length)
+    if schema == "json_object":
+        b.free_object()
+    else:
+        _emit(b, schema, "$", frozenset({"#"}), 0)
+    return b.layout(eos_id)
+
+
+def _schema_of(response_format):
+    """The schema to compile, "json_object", or None for text."""
+    if not isinstance(response_format, dict) or response_format.get("type") not in (
+        "text",
+        "json_object",
+        "json_schema",
+    ):
+        raise _malformed("an object with type 'text', 'json_object' or 'json_schema' is expected", "response_format")
+    kind = response_format["type"]
+    if kind != "json_schema":
+        return None if kind == "text" else "json_object"
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+        raise _malformed("json_schema must be an object whose 'schema' is a JSON Schema object", "json_schema")
+    if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise _malformed("json_schema 'name' must be a string and 'strict' a boolean", "json_schema")
+    return spec["schema"]

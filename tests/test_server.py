@@ -564,3 +564,126 @@ def test_serve_bad_process_flags_are_one_line_errors(flag, capsys):
     assert main(["serve", "--port", "0", *flag]) == 2
     err = capsys.readouterr().err
     assert flag[0] in err and "Traceback" not in err
+
+
+# --- pins over HTTP: infill (suffix), structured output, edits ------------------------------------------------------
+def test_completion_suffix_is_infill(client, http, pipeline):
+    kw = {"model": MODEL, "prompt": "The old city", "suffix": " of the hills.", "max_tokens": 8, "seed": 3}
+    want = pipeline.infill("The old city", " of the hills.", max_fill=8, seed=3)
+    r = client.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.text == want.text and choice.finish_reason == "stop"
+    assert choice.model_extra["dgemma"]["infill"]["length"] == want.length == r.usage.completion_tokens
+    assert [c["length"] for c in choice.model_extra["dgemma"]["infill"]["candidates"]] == [
+        c["length"] for c in want.candidates
+    ]
+    cs = chunks(stream(http, "/v1/completions", {k: v for k, v in kw.items() if k != "model"}))
+    assert "".join(c["choices"][0]["text"] for c in cs) == want.text
+    assert cs[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_suffix_after_a_trailing_space_is_not_doubled(client, pipeline):
+    r = client.completions.create(model=MODEL, prompt="The old city ", suffix=" hills.", max_tokens=6, seed=4)
+    want = pipeline.infill("The old city ", " hills.", max_fill=6, seed=4)
+    assert r.choices[0].text == want.text and not want.text.startswith(" ")
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["age"]},
+    {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "score": {"type": "number"},
+            "kind": {"enum": ["cat", "dog", 3, None]},
+            "inner": {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}}},
+            "list": {"type": "array", "items": {"$ref": "#/$defs/pt"}, "minItems": 1, "maxItems": 1},
+        },
+        "required": ["ok", "inner"],
+        "$defs": {"pt": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "null"}}}},
+    },
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["flat", "nested"])
+def test_response_format_json_schema_always_validates(client, schema):
+    import jsonschema
+
+    rf = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe it."}],
+                                           response_format=rf, seed=seed)  # fmt: skip
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop"
+        c = client.completions.create(model=MODEL, prompt="A record:", extra_body={"response_format": rf}, seed=seed)
+        jsonschema.validate(json.loads(c.choices[0].text), schema)
+    parts = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Again."}],
+                                           response_format=rf, seed=7, stream=True)  # fmt: skip
+    jsonschema.validate(json.loads("".join(p.choices[0].delta.content or "" for p in parts if p.choices)), schema)
+
+
+def test_response_format_json_object(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                       response_format={"type": "json_object"}, seed=2)  # fmt: skip
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_response_format_errors_name_the_problem(http):
+    def post(rf, **more):
+        return http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                       "response_format": rf, **more})  # fmt: skip
+
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$"}}}
+    body = error(post({"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}), 400, "response_format")
+    assert "pattern" in body["message"] and body["code"] == "unsupported_schema"
+    ok = {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object", "properties": {}}}}
+    assert "too small" in error(post(ok, max_tokens=1), 400, "max_tokens")["message"]
+    error(post(ok, stop=["}"]), 400, "stop")
+    error(post({"type": "json_schema"}), 400, "response_format")
+
+
+def test_edits_endpoint_matches_pipeline_edit(http, pipeline):
+    text = "In the beginning the earth was empty.\nThen light came.\nAnd it was good.\n"
+    body = {"model": MODEL, "text": text, "start": 17, "end": 26, "seed": 5}
+    r = http.post("/v1/edits", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = pipeline.edit(text, 17, 26, seed=5)
+    assert got["text"] == want.text and got["replacement"] == want.replacement
+    assert got["text"].startswith(text[:17]) and got["text"].endswith(text[26:])
+    by_lines = http.post("/v1/edits", json={"model": MODEL, "text": text, "lines": "2-2", "seed": 5}).json()
+    head, tail = text.split("\n")[0] + "\n", "\n" + text.split("\n", 2)[2]
+    assert by_lines["text"].startswith(head) and by_lines["text"].endswith(tail)
+    frames = stream(http, "/v1/edits", {**{k: v for k, v in body.items() if k != "model"},
+                                        "stream_options": {"include_draft": True}})  # fmt: skip
+    drafts = [json.loads(d)["dgemma_draft"] for e, d in frames if e == "draft"]
+    assert drafts and all(any(d["fixed"]) for d in drafts)  # the text after the span is pinned
+    final = chunks(frames)[-1]
+    assert final["object"] == "edit.chunk" and final["text"] == got["text"]
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"start": 5, "end": 500}, "end"),
+        ({"start": 9, "end": 3}, "end"),
+        ({"lines": "7-9"}, "lines"),
+        ({"lines": "x"}, "lines"),
+        ({"lines": "1-1", "start": 0, "end": 1}, "lines"),
+        ({}, "start"),
+        ({"start": 0, "end": 2, "n": 2}, "n"),
+        ({"start": 0, "end": 2, "fill_lengths": [0]}, "fill_lengths"),
+    ],
+)
+def test_bad_edits_are_400(http, fields, param):
+    error(http.post("/v1/edits", json={"model": MODEL, "text": "one\ntwo\n", **fields}), 400, param)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3, CANVAS + 1])
+def test_no_client_gets_more_tokens_than_asked(client, pipeline, max_tokens):
+    r = client.completions.create(model=MODEL, prompt="The", max_tokens=max_tokens, seed=9)
+    assert r.usage.completion_tokens <= max_tokens
+    parts = list(client.completions.create(model=MODEL, prompt="The", max_tokens=max_tokens, seed=9, stream=True,
+                                           stream_options={"include_usage": True}))  # fmt: skip
+    assert parts[-1].usage.completion_tokens <= max_tokens
+    assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text

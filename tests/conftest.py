@@ -23,17 +23,26 @@ PARITY_KEY = pytest.StashKey[dict]()
 # counts/dims, more experts, window 6, non-default RoPE. The last layer is given as sliding on purpose: both the
 # reference and dgemma force it to full attention.
 VARIANT = {
-    "canvas_length": 16, "vocab_size": 96, "hidden_size": 48, "intermediate_size": 80, "moe_intermediate_size": 24,
+    "canvas_length": 16,
+    "vocab_size": 96,
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "moe_intermediate_size": 24,
     "num_hidden_layers": 4,
     "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-    "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 8,
-    "global_head_dim": 24, "num_global_key_value_heads": 2,
-    "sliding_window": 6, "num_experts": 6, "top_k_experts": 3,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 3,
+    "head_dim": 8,
+    "global_head_dim": 24,
+    "num_global_key_value_heads": 2,
+    "sliding_window": 6,
+    "num_experts": 6,
+    "top_k_experts": 3,
     "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 20000.0},
     },
-}  # fmt: skip
+}
 
 
 class Reference:

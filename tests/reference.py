@@ -15,21 +15,41 @@ transformers = __import__("pytest").importorskip("transformers")
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
 
 VISION = dict(
-    model_type="gemma4_vision", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-    num_attention_heads=4, num_key_value_heads=4, head_dim=8, patch_size=4,
-    pooling_kernel_size=1, position_embedding_size=64,
+    model_type="gemma4_vision",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=8,
+    patch_size=4,
+    pooling_kernel_size=1,
+    position_embedding_size=64,
 )
 
 
 def text_config(**overrides) -> dict:
     """The spec's tiny text config, with overrides."""
     text = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-        num_global_key_value_heads=1, sliding_window=8, num_experts=4, top_k_experts=2,
-        max_position_embeddings=512, use_bidirectional_attention="vision",
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=1,
+        sliding_window=8,
+        num_experts=4,
+        top_k_experts=2,
+        max_position_embeddings=512,
+        use_bidirectional_attention="vision",
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     text.update(overrides)
     return text
@@ -38,8 +58,10 @@ def text_config(**overrides) -> dict:
 def build(seed: int = 0, canvas_length: int = 8, **text_overrides) -> DiffusionGemmaForBlockDiffusion:
     """A random reference model made sensitive as spec g.1 describes (float32, eager)."""
     cfg = DiffusionGemmaConfig(
-        text_config=text_config(**text_overrides), vision_config=VISION,
-        canvas_length=canvas_length, attn_implementation="eager",
+        text_config=text_config(**text_overrides),
+        vision_config=VISION,
+        canvas_length=canvas_length,
+        attn_implementation="eager",
     )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
@@ -47,9 +69,7 @@ def build(seed: int = 0, canvas_length: int = 8, **text_overrides) -> DiffusionG
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("router.scale") or name.endswith(
-                "per_expert_scale"
-            ):
+            if name.endswith("norm.weight") or name.endswith("router.scale") or name.endswith("per_expert_scale"):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
         emb = model.model.decoder.embed_tokens.weight
         emb.copy_(0.6 * torch.randn(emb.shape, generator=gen))
@@ -100,4 +120,3 @@ def seeded_protocol(model, seed: int):
     finally:
         model._prepare_sampler = orig_prepare
         torch.multinomial = orig_multinomial
-

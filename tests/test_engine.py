@@ -14,9 +14,9 @@ from tiny import random_model, tiny_config
 from dgemma.cache import stack_caches
 from dgemma.config import GenerationSettings
 from dgemma.engine import Engine, Failed, Finished, Job, QueueFull
-from dgemma.generate import CanvasEvent, Generation, Request, SettleEvent, Settle, denoise_step
-from dgemma.sampler import StepResult
+from dgemma.generate import CanvasEvent, Generation, Request, Settle, SettleEvent, denoise_step
 from dgemma.model import INVARIANT_ROWS, pad_rows
+from dgemma.sampler import StepResult
 
 SETTINGS = GenerationSettings(max_new_tokens=32, steps=4, eos_token_ids=(1,))
 PROMPTS = [[2, 5, 9], [2] + list(range(10, 40)), [2, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]

@@ -127,7 +127,17 @@ def test_cli_edit_prints_the_file_or_a_diff(tmp_path):
 
 
 def test_cli_generate_budget_is_exact():
-    cmd = [sys.executable, "-m", "dgemma", "generate", "In the beginning", "--max-new-tokens", "5", "--json",
-           "--seed", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dgemma",
+        "generate",
+        "In the beginning",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "--seed",
+        "1",
+    ]
     got = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout)
     assert len(got["token_ids"]) <= 5 and (got["finish_reason"] == "length" or 1 in got["token_ids"])

@@ -25,8 +25,10 @@ def test_tuning_is_on_by_default_and_can_be_switched_off():
 
 
 def test_seeded_generation_is_the_same_with_and_without_tuning(tmp_path):
-    code = ("from dgemma.generate import Pipeline; "
-            "print(Pipeline.load(device='cpu').generate('In the beginning', seed=5, max_new_tokens=32).token_ids)")  # fmt: skip
+    code = (
+        "from dgemma.generate import Pipeline; "
+        "print(Pipeline.load(device='cpu').generate('In the beginning', seed=5, max_new_tokens=32).token_ids)"
+    )
     outs = []
     for value in ("1", "0"):
         env = {**os.environ, "DGEMMA_MALLOC_TUNING": value}

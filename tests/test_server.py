@@ -153,10 +153,16 @@ def test_knobs_are_applied(client):
 
 # --- raw SSE ------------------------------------------------------------------------------------------------------
 def test_sse_framing_chat(http):
-    frames = stream(http, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "seed": 2,
-        "stream_options": {"include_usage": True},
-    })  # fmt: skip
+    frames = stream(
+        http,
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 20,
+            "seed": 2,
+            "stream_options": {"include_usage": True},
+        },
+    )
     cs = chunks(frames)
     assert len({c["id"] for c in cs}) == 1 and all(c["object"] == "chat.completion.chunk" for c in cs)
     assert all(c["model"] == MODEL and isinstance(c["created"], int) for c in cs)
@@ -175,9 +181,17 @@ def test_sse_framing_completions_without_usage(http):
 
 
 def test_draft_events(http):
-    frames = stream(http, "/v1/completions", {
-        "prompt": "Hi", "max_tokens": 2 * CANVAS, "seed": 9, "steps": 4, "stream_options": {"include_draft": True},
-    })  # fmt: skip
+    frames = stream(
+        http,
+        "/v1/completions",
+        {
+            "prompt": "Hi",
+            "max_tokens": 2 * CANVAS,
+            "seed": 9,
+            "steps": 4,
+            "stream_options": {"include_draft": True},
+        },
+    )
     drafts = [json.loads(d)["dgemma_draft"] for e, d in frames if e == "draft"]
     assert drafts and all(len(d["tokens"]) == len(d["pieces"]) == len(d["entropy"]) == CANVAS for d in drafts)
     assert [(d["canvas"], d["step"]) for d in drafts][:4] == [(0, 1), (0, 2), (0, 3), (0, 4)]
@@ -188,12 +202,20 @@ def test_draft_events(http):
 def test_settled_text_streams_within_a_canvas(http, pipeline):
     """settle_steps=1 settles every position at the canvas's first step: its text is sent before the canvas's
     later steps run, and the commit keeps exactly what was sent (pinning)."""
-    frames = stream(http, "/v1/completions", {
-        "prompt": "The sea", "max_tokens": 2 * CANVAS, "seed": 4, "steps": 5,
-        "stream_options": {"include_draft": True, "settle_steps": 1, "settle_entropy": 1e6},
-    })  # fmt: skip
-    order = [("draft", json.loads(d)["dgemma_draft"]) if e == "draft" else ("chunk", json.loads(d))
-             for e, d in frames[:-1]]  # fmt: skip
+    frames = stream(
+        http,
+        "/v1/completions",
+        {
+            "prompt": "The sea",
+            "max_tokens": 2 * CANVAS,
+            "seed": 4,
+            "steps": 5,
+            "stream_options": {"include_draft": True, "settle_steps": 1, "settle_entropy": 1e6},
+        },
+    )
+    order = [
+        ("draft", json.loads(d)["dgemma_draft"]) if e == "draft" else ("chunk", json.loads(d)) for e, d in frames[:-1]
+    ]
     first_text = next(i for i, (k, c) in enumerate(order) if k == "chunk" and c["choices"][0]["text"])
     later_steps = [i for i, (k, d) in enumerate(order) if k == "draft" and d["canvas"] == 0 and d["step"] >= 2]
     assert later_steps and first_text < later_steps[0]  # text arrived within canvas 0, before its commit
@@ -214,8 +236,9 @@ def test_stop_strings(client, http, pipeline):
     expect = full[: full.find(stop)]
     r = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=32, seed=8, stop=[stop, "zzzz"])
     assert r.choices[0].text == expect and r.choices[0].finish_reason == "stop"
-    cs = chunks(stream(http, "/v1/completions", {"prompt": "In the beginning", "max_tokens": 32, "seed": 8,
-                                                 "stop": stop}))  # fmt: skip
+    cs = chunks(
+        stream(http, "/v1/completions", {"prompt": "In the beginning", "max_tokens": 32, "seed": 8, "stop": stop})
+    )
     assert "".join(c["choices"][0]["text"] for c in cs) == expect
     assert cs[-1]["choices"][0]["finish_reason"] == "stop"
 
@@ -226,8 +249,9 @@ def test_concurrent_requests_match_solo(client, live, pipeline):
 
     def run(req):
         prompt, seed, max_tokens, steps = req
-        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed,
-                                      extra_body={"steps": steps})  # fmt: skip
+        r = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed, extra_body={"steps": steps}
+        )
         return r.choices[0].text
 
     before = live.engine.counters["peak_batch"]
@@ -322,21 +346,46 @@ def test_engine_failure_mid_stream_is_an_error_event(pipeline, monkeypatch):
 
 # --- the error contract -------------------------------------------------------------------------------------------
 BAD_BODIES = [
-    ("max_tokens", {"max_tokens": "5"}), ("max_tokens", {"max_tokens": 1.5}), ("max_tokens", {"max_tokens": True}),
-    ("max_tokens", {"max_tokens": 0}), ("max_tokens", {"max_tokens": -3}), ("max_tokens", {"max_tokens": 2**63}),
-    ("n", {"n": 0}), ("n", {"n": 9}), ("seed", {"seed": -1}), ("seed", {"seed": "x"}), ("seed", {"seed": 2**64}),
-    ("stop", {"stop": ["a", "b", "c", "d", "e"]}), ("stop", {"stop": ""}), ("stop", {"stop": [1]}),
-    ("stop", {"stop": "x" * 300}), ("stream", {"stream": "yes"}), ("steps", {"steps": 0}), ("steps", {"steps": 5000}),
-    ("entropy_bound", {"entropy_bound": -1.0}), (None, {"t_min": 0.9, "t_max": 0.5}),
-    ("temperature", {"temperature": 0.7}), ("top_p", {"top_p": 0.5}), ("logprobs", {"logprobs": 2}),
-    ("echo", {"echo": True}), ("suffix", {"suffix": 5}), ("best_of", {"best_of": 2}),
-    ("logit_bias", {"logit_bias": {"5": 10}}), ("presence_penalty", {"presence_penalty": 1.0}),
-    ("chat_template", {"chat_template": "{{ 7 * 7 }}"}), ("chat_template_kwargs", {"chat_template_kwargs": {}}),
-    ("prompt", {"prompt": ""}), ("prompt", {"prompt": "   "}), ("prompt", {"prompt": []}),
-    ("prompt", {"prompt": [5, -1]}), ("prompt", {"prompt": [5, 10**6]}), ("prompt", {"prompt": ["a", "b"]}),
-    ("prompt", {"prompt": "bad \ud800 surrogate"}), ("prompt", {"prompt": {"text": "x"}}),
+    ("max_tokens", {"max_tokens": "5"}),
+    ("max_tokens", {"max_tokens": 1.5}),
+    ("max_tokens", {"max_tokens": True}),
+    ("max_tokens", {"max_tokens": 0}),
+    ("max_tokens", {"max_tokens": -3}),
+    ("max_tokens", {"max_tokens": 2**63}),
+    ("n", {"n": 0}),
+    ("n", {"n": 9}),
+    ("seed", {"seed": -1}),
+    ("seed", {"seed": "x"}),
+    ("seed", {"seed": 2**64}),
+    ("stop", {"stop": ["a", "b", "c", "d", "e"]}),
+    ("stop", {"stop": ""}),
+    ("stop", {"stop": [1]}),
+    ("stop", {"stop": "x" * 300}),
+    ("stream", {"stream": "yes"}),
+    ("steps", {"steps": 0}),
+    ("steps", {"steps": 5000}),
+    ("entropy_bound", {"entropy_bound": -1.0}),
+    (None, {"t_min": 0.9, "t_max": 0.5}),
+    ("temperature", {"temperature": 0.7}),
+    ("top_p", {"top_p": 0.5}),
+    ("logprobs", {"logprobs": 2}),
+    ("echo", {"echo": True}),
+    ("suffix", {"suffix": 5}),
+    ("best_of", {"best_of": 2}),
+    ("logit_bias", {"logit_bias": {"5": 10}}),
+    ("presence_penalty", {"presence_penalty": 1.0}),
+    ("chat_template", {"chat_template": "{{ 7 * 7 }}"}),
+    ("chat_template_kwargs", {"chat_template_kwargs": {}}),
+    ("prompt", {"prompt": ""}),
+    ("prompt", {"prompt": "   "}),
+    ("prompt", {"prompt": []}),
+    ("prompt", {"prompt": [5, -1]}),
+    ("prompt", {"prompt": [5, 10**6]}),
+    ("prompt", {"prompt": ["a", "b"]}),
+    ("prompt", {"prompt": "bad \ud800 surrogate"}),
+    ("prompt", {"prompt": {"text": "x"}}),
     ("stream_options", {"stream_options": {"include_usage": 1}}),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("param, fields", BAD_BODIES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(BAD_BODIES)])
@@ -346,14 +395,19 @@ def test_bad_completion_fields_are_400(http, param, fields):
 
 
 BAD_CHAT = [
-    ("messages", {"messages": []}), ("messages[0]", {"messages": [{"role": "wizard", "content": "x"}]}),
+    ("messages", {"messages": []}),
+    ("messages[0]", {"messages": [{"role": "wizard", "content": "x"}]}),
     ("messages[0]", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
-    ("messages[0]", {"messages": [{"role": "user", "content": None}]}), ("messages", {"messages": "hi"}),
-    ("messages[0]", {"messages": [{"role": "user", "content": 5}]}), ("tools", {"tools": [{"type": "function"}]}),
-    ("tool_choice", {"tool_choice": "auto"}), ("response_format", {"response_format": {"type": "yaml"}}),
-    ("top_logprobs", {"top_logprobs": 3}), ("logprobs", {"logprobs": True}),
+    ("messages[0]", {"messages": [{"role": "user", "content": None}]}),
+    ("messages", {"messages": "hi"}),
+    ("messages[0]", {"messages": [{"role": "user", "content": 5}]}),
+    ("tools", {"tools": [{"type": "function"}]}),
+    ("tool_choice", {"tool_choice": "auto"}),
+    ("response_format", {"response_format": {"type": "yaml"}}),
+    ("top_logprobs", {"top_logprobs": 3}),
+    ("logprobs", {"logprobs": True}),
     ("max_completion_tokens", {"max_completion_tokens": 0}),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("param, fields", BAD_CHAT, ids=[f"{p}-{i}" for i, (p, _) in enumerate(BAD_CHAT)])
@@ -363,10 +417,15 @@ def test_bad_chat_fields_are_400(http, param, fields):
 
 
 def test_chat_accepts_text_parts_and_special_strings(client):
-    r = client.chat.completions.create(model=MODEL, max_tokens=8, seed=1, messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "<|turn>user\n<eos><turn|>"}]},
-    ])  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=8,
+        seed=1,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "<|turn>user\n<eos><turn|>"}]},
+        ],
+    )
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens > 12  # the control strings were encoded as plain text, not single ids
 
@@ -444,8 +503,13 @@ def test_api_key_on_every_route(secured):
     with httpx.Client(base_url=secured.url, timeout=60) as c:
         for path in protected:
             path = path.replace("{model}", MODEL)
-            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY},
-                            {"authorization": "Bearer " + KEY.upper()}, {"authorization": "Bearer " + "k" * 5000}):  # fmt: skip
+            for headers in (
+                {},
+                {"authorization": "Bearer wrong"},
+                {"authorization": KEY},
+                {"authorization": "Bearer " + KEY.upper()},
+                {"authorization": "Bearer " + "k" * 5000},
+            ):
                 err = error(c.get(path, headers=headers), 401)
                 assert err["type"] == "authentication_error" and KEY not in json.dumps(err)
         error(c.get("/v1/models?api_key=" + KEY), 401)
@@ -488,8 +552,22 @@ def _children(pid: int) -> list[int]:
 def test_serve_processes_share_one_port_with_identical_results(pipeline):
     """`dgemma serve --processes 2`: two spawned server processes on one socket; seeded results are those of a
     single process (each process batches its own requests, batch invariance does the rest)."""
-    cmd = [sys.executable, "-m", "dgemma", "serve", "--model", str(pipeline.model_dir), "--port", "0",
-           "--model-id", MODEL, "--processes", "2", "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dgemma",
+        "serve",
+        "--model",
+        str(pipeline.model_dir),
+        "--port",
+        "0",
+        "--model-id",
+        MODEL,
+        "--processes",
+        "2",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
@@ -549,8 +627,13 @@ def test_inbox_keeps_tokens_and_coalesces_unread_drafts():
         assert inbox.qsize() == 6  # choice 0: draft, tokens, draft, tokens, draft; choice 1: one draft
         got = [await inbox.get() for _ in range(inbox.qsize())]
         seen0 = [(type(ev).__name__, ev.step if isinstance(ev, StepEvent) else ev.token_ids) for i, ev in got if i == 0]
-        assert seen0 == [("StepEvent", 40), ("SettleEvent", [40]), ("StepEvent", 80), ("SettleEvent", [80]),
-                         ("StepEvent", 100)]
+        assert seen0 == [
+            ("StepEvent", 40),
+            ("SettleEvent", [40]),
+            ("StepEvent", 80),
+            ("SettleEvent", [80]),
+            ("StepEvent", 100),
+        ]
         assert [ev.step for i, ev in got if i == 1] == [1100]
         deliver0(draft(101))  # a read draft is never rewritten: a new one is queued
         await asyncio.sleep(0)
@@ -611,27 +694,35 @@ def test_response_format_json_schema_always_validates(client, schema):
 
     rf = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
     for seed in range(3):
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe it."}],
-                                           response_format=rf, seed=seed)  # fmt: skip
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Describe it."}], response_format=rf, seed=seed
+        )
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
         assert r.choices[0].finish_reason == "stop"
         c = client.completions.create(model=MODEL, prompt="A record:", extra_body={"response_format": rf}, seed=seed)
         jsonschema.validate(json.loads(c.choices[0].text), schema)
-    parts = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Again."}],
-                                           response_format=rf, seed=7, stream=True)  # fmt: skip
+    parts = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Again."}], response_format=rf, seed=7, stream=True
+    )
     jsonschema.validate(json.loads("".join(p.choices[0].delta.content or "" for p in parts if p.choices)), schema)
 
 
 def test_response_format_json_object(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
-                                       response_format={"type": "json_object"}, seed=2)  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "JSON please"}],
+        response_format={"type": "json_object"},
+        seed=2,
+    )
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
 def test_response_format_errors_name_the_problem(http):
     def post(rf, **more):
-        return http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                                       "response_format": rf, **more})  # fmt: skip
+        return http.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": rf, **more},
+        )
 
     schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$"}}}
     body = error(post({"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}), 400, "response_format")
@@ -654,8 +745,11 @@ def test_edits_endpoint_matches_pipeline_edit(http, pipeline):
     by_lines = http.post("/v1/edits", json={"model": MODEL, "text": text, "lines": "2-2", "seed": 5}).json()
     head, tail = text.split("\n")[0] + "\n", "\n" + text.split("\n", 2)[2]
     assert by_lines["text"].startswith(head) and by_lines["text"].endswith(tail)
-    frames = stream(http, "/v1/edits", {**{k: v for k, v in body.items() if k != "model"},
-                                        "stream_options": {"include_draft": True}})  # fmt: skip
+    frames = stream(
+        http,
+        "/v1/edits",
+        {**{k: v for k, v in body.items() if k != "model"}, "stream_options": {"include_draft": True}},
+    )
     drafts = [json.loads(d)["dgemma_draft"] for e, d in frames if e == "draft"]
     assert drafts and all(any(d["fixed"]) for d in drafts)  # the text after the span is pinned
     final = chunks(frames)[-1]
@@ -683,7 +777,15 @@ def test_bad_edits_are_400(http, fields, param):
 def test_no_client_gets_more_tokens_than_asked(client, pipeline, max_tokens):
     r = client.completions.create(model=MODEL, prompt="The", max_tokens=max_tokens, seed=9)
     assert r.usage.completion_tokens <= max_tokens
-    parts = list(client.completions.create(model=MODEL, prompt="The", max_tokens=max_tokens, seed=9, stream=True,
-                                           stream_options={"include_usage": True}))  # fmt: skip
+    parts = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="The",
+            max_tokens=max_tokens,
+            seed=9,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert parts[-1].usage.completion_tokens <= max_tokens
     assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text

@@ -47,11 +47,32 @@ def micro_run(tmp_path_factory):
         f.write("\n".join(lines[4:24]))
     (corpus / "val.txt").write_text("\n".join(lines[:2]), encoding="utf-8")
     tc = TrainConfig(
-        corpus=str(corpus), out=str(root / "run"), vocab_size=320, hidden_size=48, intermediate_size=96,
-        moe_intermediate_size=32, num_experts=2, top_k_experts=1, num_layers=2, num_heads=2, head_dim=24,
-        kv_heads=1, global_head_dim=24, global_kv_heads=1, sliding_window=16, canvas_length=8, seq_len=32,
-        batch_size=8, steps=60, lr=1e-2, warmup=5, eval_every=60, eval_batches=2, ckpt_every=30, threads=0,
-    )  # fmt: skip
+        corpus=str(corpus),
+        out=str(root / "run"),
+        vocab_size=320,
+        hidden_size=48,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=2,
+        top_k_experts=1,
+        num_layers=2,
+        num_heads=2,
+        head_dim=24,
+        kv_heads=1,
+        global_head_dim=24,
+        global_kv_heads=1,
+        sliding_window=16,
+        canvas_length=8,
+        seq_len=32,
+        batch_size=8,
+        steps=60,
+        lr=1e-2,
+        warmup=5,
+        eval_every=60,
+        eval_batches=2,
+        ckpt_every=30,
+        threads=0,
+    )
     trainer = Trainer(tc)
     trainer.train()
     return trainer

@@ -23,12 +23,22 @@ VAL_TEXT = Path(__file__).resolve().parents[1] / "data" / "web" / "val.txt.gz"
 def tiny_config(canvas_length: int = 8, **overrides) -> ModelConfig:
     """The spec's tiny text config (g.1) in dgemma's own terms."""
     text = {
-        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32,
-        "num_global_key_value_heads": 1, "sliding_window": 8, "num_experts": 4, "top_k_experts": 2,
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "sliding_window": 8,
+        "num_experts": 4,
+        "top_k_experts": 2,
         "max_position_embeddings": 512,
-    }  # fmt: skip
+    }
     text.update(overrides)
     return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas_length, "text_config": text})
 

@@ -66,8 +66,12 @@ class Guard:
         if self.loopback_only and not _loopback_host(headers.get("host", "")):
             return await _reject(send, APIError(400, "The Host header must name a loopback address.", code="bad_host"))
         if self.key_digest is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
-            err = APIError(401, "Missing or invalid API key (send 'Authorization: Bearer KEY').",
-                           type="authentication_error", code="invalid_api_key")  # fmt: skip
+            err = APIError(
+                401,
+                "Missing or invalid API key (send 'Authorization: Bearer KEY').",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
             return await _reject(send, err, [(b"www-authenticate", b"Bearer")])
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)

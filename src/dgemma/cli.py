@@ -89,9 +89,12 @@ def id_list(text: str) -> list[int]:
 
 # --- shared arguments -------------------------------------------------------------------------------------------
 KINDS = {
-    "positive_int": positive_int, "non_negative_int": non_negative_int, "positive_float": positive_float,
-    "non_negative_float": non_negative_float, "id_list": id_list,
-}  # fmt: skip
+    "positive_int": positive_int,
+    "non_negative_int": non_negative_int,
+    "positive_float": positive_float,
+    "non_negative_float": non_negative_float,
+    "id_list": id_list,
+}
 
 
 def add_model_arguments(p) -> None:
@@ -199,14 +202,17 @@ def run_generate(args: argparse.Namespace) -> int:
         print(" ".join(map(str, event.token_ids)))  # id-level checkpoint: nothing to detokenize
     else:
         print("" if stream_text else event.text)  # streamed text only needs its final newline
-        print(summary(event), file=sys.stderr)
+        if sys.stderr.isatty():
+            print(summary(event), file=sys.stderr)
     return 0
 
 
 def summary(r) -> str:
     """One timing line for stderr after a plain run."""
-    return (f"[{len(r.token_ids)} tokens, {len(r.steps_per_canvas)} canvas(es), {r.forward_passes} forward passes, "
-            f"{r.total_s:.2f} s, {r.tokens_per_s:.1f} tok/s, seed {r.seed}]")  # fmt: skip
+    return (
+        f"[{len(r.token_ids)} tokens, {len(r.steps_per_canvas)} canvas(es), {r.forward_passes} forward passes, "
+        f"{r.total_s:.2f} s, {r.tokens_per_s:.1f} tok/s, seed {r.seed}]"
+    )
 
 
 def result_json(r) -> dict:
@@ -234,8 +240,13 @@ FILL_MARKER = "<FILL>"
 
 
 def add_fill_arguments(p) -> None:
-    p.add_argument("--lengths", type=id_list, metavar="N,N", help="candidate fill lengths in tokens (default: a "
-                   "spread up to one canvas, or around the old span's length for edits)")  # fmt: skip
+    p.add_argument(
+        "--lengths",
+        type=id_list,
+        metavar="N,N",
+        help="candidate fill lengths in tokens (default: a "
+        "spread up to one canvas, or around the old span's length for edits)",
+    )
 
 
 def add_infill_parser(subparsers) -> None:
@@ -248,8 +259,11 @@ def add_infill_parser(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--prefix", metavar="TEXT", help="text before the gap")
     p.add_argument("--suffix", metavar="TEXT", help="text after the gap")
-    p.add_argument("--file", metavar="F", help=f"a file ('-': stdin) with one {FILL_MARKER} marker: prints the file "
-                   "with the gap filled")  # fmt: skip
+    p.add_argument(
+        "--file",
+        metavar="F",
+        help=f"a file ('-': stdin) with one {FILL_MARKER} marker: prints the file with the gap filled",
+    )
     add_fill_arguments(p)
     p.add_argument("--max-fill", type=positive_int, metavar="N", help="longest candidate (default: one canvas)")
     add_knob_arguments(p)
@@ -272,8 +286,9 @@ def run_infill(args: argparse.Namespace) -> int:
     if pipe.tokenizer is None:
         raise CliError("this checkpoint has no tokenizer.json; infill needs text", EXIT_CHECKPOINT)
     knobs = {k: v for k, v in knobs_from(args).items() if k != "max_new_tokens"}
-    r = pipe.infill(prefix, suffix, lengths=args.lengths, max_fill=args.max_fill or args.max_new_tokens,
-                    seed=seed_of(args), **knobs)  # fmt: skip
+    r = pipe.infill(
+        prefix, suffix, lengths=args.lengths, max_fill=args.max_fill or args.max_new_tokens, seed=seed_of(args), **knobs
+    )
     if args.json:
         print(json.dumps(infill_json(r)))
     else:
@@ -283,10 +298,14 @@ def run_infill(args: argparse.Namespace) -> int:
 
 def infill_json(r) -> dict:
     return {
-        "text": r.text, "token_ids": r.token_ids, "length": r.length, "candidates": r.candidates,
-        "forward_passes": r.forward_passes, "timings": {"total_s": r.total_s, "tokens_per_s": r.tokens_per_s},
+        "text": r.text,
+        "token_ids": r.token_ids,
+        "length": r.length,
+        "candidates": r.candidates,
+        "forward_passes": r.forward_passes,
+        "timings": {"total_s": r.total_s, "tokens_per_s": r.tokens_per_s},
         "seed": r.seed,
-    }  # fmt: skip
+    }
 
 
 def add_edit_parser(subparsers) -> None:
@@ -334,8 +353,11 @@ def run_edit(args: argparse.Namespace) -> int:
     knobs = {k: v for k, v in knobs_from(args).items() if k != "max_new_tokens"}
     r = pipe.edit(text, start, end, lengths=args.lengths, seed=seed_of(args), **knobs)
     if args.json:
-        print(json.dumps({**infill_json(r.infill), "text": r.text, "replacement": r.replacement, "start": r.start,
-                          "end": r.end}))  # fmt: skip
+        print(
+            json.dumps(
+                {**infill_json(r.infill), "text": r.text, "replacement": r.replacement, "start": r.start, "end": r.end}
+            )
+        )
     elif args.diff:
         import difflib
 

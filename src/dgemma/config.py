@@ -134,8 +134,9 @@ class ModelConfig:
         if not isinstance(d.get("text_config"), dict):
             raise ConfigError("config.json has no 'text_config' object")
         if d.get("tie_word_embeddings") is False or d["text_config"].get("tie_word_embeddings") is False:
-            raise ConfigError("untied checkpoints (tie_word_embeddings=false: separate encoder weights and LM head) "
-                              "are not supported")  # fmt: skip
+            raise ConfigError(
+                "untied checkpoints (tie_word_embeddings=false: separate encoder weights and LM head) are not supported"
+            )
         text = TextConfig.from_dict(d["text_config"])
         eos = d.get("eos_token_id", text.eos_token_id)
         return cls(text=text, canvas_length=_positive_int(d, "canvas_length", 256), eos_token_id=_id_list(eos))
@@ -155,8 +156,9 @@ def _knob(default, kind: str, help: str, per_request: bool = True):
 class GenerationSettings:
     """Sampling knobs (spec a.3 / d.1): checkpoint `generation_config.json` + per-call overrides."""
 
-    max_new_tokens: int = _knob(256, "positive_int", "exact token budget (canvases are rounded up, output is not)",
-                                per_request=False)  # fmt: skip
+    max_new_tokens: int = _knob(
+        256, "positive_int", "exact token budget (canvases are rounded up, output is not)", per_request=False
+    )
     steps: int = _knob(48, "positive_int", "max denoising steps per canvas")  # max_denoising_steps
     entropy_bound: float = _knob(0.1, "positive_float", "entropy budget for acceptance")
     t_min: float = _knob(0.4, "non_negative_float", "temperature at the last step")

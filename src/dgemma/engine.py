@@ -128,10 +128,14 @@ class Engine:
             active, queued = sum(not j.cancelled for j in self._active), len(self._queue)
         busy = self.busy_since is not None
         return {
-            "alive": self._thread.is_alive(), "active": active, "queued": queued, "max_batch": self.max_batch,
-            "max_queue": self.max_queue, "busy_s": round(time.monotonic() - self.busy_since, 3) if busy else 0.0,
+            "alive": self._thread.is_alive(),
+            "active": active,
+            "queued": queued,
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "busy_s": round(time.monotonic() - self.busy_since, 3) if busy else 0.0,
             **self.counters,
-        }  # fmt: skip
+        }
 
     def healthy(self, stall_s: float = 120.0) -> bool:
         """Worker alive and, when busy, making progress (one loop iteration within `stall_s`)."""
@@ -241,8 +245,17 @@ class Engine:
         if gen.finished:
             self.counters["finished"] += 1
             t0 = job.submitted
-            job.deliver(Finished(
-                gen.finish_reason, gen.token_ids, gen.steps_per_canvas, gen.forward_passes, job.admitted - t0,
-                job.first_token and job.first_token - t0, job.first_commit and job.first_commit - t0,
-                time.perf_counter() - t0, gen.seam_nll, gen.free_entropy,
-            ))  # fmt: skip
+            job.deliver(
+                Finished(
+                    gen.finish_reason,
+                    gen.token_ids,
+                    gen.steps_per_canvas,
+                    gen.forward_passes,
+                    job.admitted - t0,
+                    job.first_token and job.first_token - t0,
+                    job.first_commit and job.first_commit - t0,
+                    time.perf_counter() - t0,
+                    gen.seam_nll,
+                    gen.free_entropy,
+                )
+            )

@@ -41,8 +41,15 @@ MAX_SEED = 2**62
 class APIError(Exception):
     """An error for the client: HTTP status, message, the offending parameter, a machine-readable code."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
@@ -206,8 +213,10 @@ class Frontend:
         except ValueError as e:  # ConfigError included
             raise bad(str(e), "response_format") from None
         if out is not None and p.max_tokens is not None and p.max_tokens < out[1]:
-            raise bad(f"max_tokens={p.max_tokens} is too small for this response_format: it needs {out[1]} tokens",
-                      "max_tokens")  # fmt: skip
+            raise bad(
+                f"max_tokens={p.max_tokens} is too small for this response_format: it needs {out[1]} tokens",
+                "max_tokens",
+            )
         return out
 
     async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:
@@ -238,17 +247,25 @@ class Frontend:
         if max_tokens is None:
             max_tokens = min(default, room // c * c, self.max_tokens_cap or math.inf)
             if max_tokens < 1:
-                raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
-                               f"{prompt_len} tokens, leaving no room for one canvas of {c}.", "prompt",
-                               "context_length_exceeded")  # fmt: skip
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {self.context} tokens; the prompt has "
+                    f"{prompt_len} tokens, leaving no room for one canvas of {c}.",
+                    "prompt",
+                    "context_length_exceeded",
+                )
             return max_tokens
         if self.max_tokens_cap is not None and max_tokens > self.max_tokens_cap:
             raise bad(f"max_tokens must be at most {self.max_tokens_cap}", "max_tokens")
         needed = math.ceil(max_tokens / c) * c
         if prompt_len + needed > self.context:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
-                           f"{prompt_len} tokens and max_tokens={max_tokens} needs {needed} (canvases of {c}).",
-                           "max_tokens", "context_length_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens; the prompt has "
+                f"{prompt_len} tokens and max_tokens={max_tokens} needs {needed} (canvases of {c}).",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         return max_tokens
 
     # --- running ---------------------------------------------------------------------------------------------
@@ -259,8 +276,14 @@ class Frontend:
         try:
             self.engine.submit(jobs)
         except QueueFull:
-            raise APIError(503, "The server is busy; retry shortly.", None, "server_overloaded",
-                           "server_error", {"Retry-After": "1"}) from None  # fmt: skip
+            raise APIError(
+                503,
+                "The server is busy; retry shortly.",
+                None,
+                "server_overloaded",
+                "server_error",
+                {"Retry-After": "1"},
+            ) from None
         except EngineClosed:
             raise APIError(503, "The engine is not running.", None, "engine_unavailable", "server_error") from None
         return jobs, inbox
@@ -344,13 +367,19 @@ class Frontend:
         else:
             first, commit = fin.first_token_s, fin.first_commit_s
         return {
-            "finish_reason": text.finish_reason, "completion_tokens": len(text.ids), "text": text.text,
+            "finish_reason": text.finish_reason,
+            "completion_tokens": len(text.ids),
+            "text": text.text,
             "dgemma": {
-                "seed": plan.seeds[i], "steps_per_canvas": steps, "forward_passes": passes,
+                "seed": plan.seeds[i],
+                "steps_per_canvas": steps,
+                "forward_passes": passes,
                 "tokens_per_forward": round(len(text.ids) / max(passes, 1), 4),
-                "first_token_s": first and round(first, 4), "first_commit_s": commit and round(commit, 4), **extra,
+                "first_token_s": first and round(first, 4),
+                "first_commit_s": commit and round(commit, 4),
+                **extra,
             },
-        }  # fmt: skip
+        }
 
     def piece(self, token_id: int) -> str:
         if (p := self._pieces.get(token_id)) is None:

@@ -246,10 +246,19 @@ class Generation:
         if self.request.draft:
             pins = self.sampler.pins
             fixed = pins.fixed.tolist() if pins is not None and pins.count else None
-            events.append(StepEvent(
-                self.canvas_index, r.step, r.argmax.tolist(), r.canvas.tolist(), r.accepted.tolist(),
-                r.entropy.tolist(), r.mean_entropy, len(self.released), fixed,
-            ))  # fmt: skip
+            events.append(
+                StepEvent(
+                    self.canvas_index,
+                    r.step,
+                    r.argmax.tolist(),
+                    r.canvas.tolist(),
+                    r.accepted.tolist(),
+                    r.entropy.tolist(),
+                    r.mean_entropy,
+                    len(self.released),
+                    fixed,
+                )
+            )
         if settled:
             events.append(SettleEvent(self.canvas_index, settled))
         if r.done:
@@ -333,8 +342,9 @@ class Generation:
 _draw_pool: ThreadPoolExecutor | None = None
 
 
-def _draw_ahead(generations: list[Generation], canvas: int, vocab: int, device: torch.device,
-                inline: bool = False) -> Future:  # fmt: skip
+def _draw_ahead(
+    generations: list[Generation], canvas: int, vocab: int, device: torch.device, inline: bool = False
+) -> Future:
     """Take this step's sampling draws [B, C, V] on a side thread (torch.rand is serial, ~0.7 ms per [32, 4096]
     canvas on CPU, and releases the GIL), overlapping them with the forward pass. Same generators, same order:
     same numbers. Seeded requests draw on the CPU (the protocol) and are copied to `device`. `inline`: draw now,
@@ -367,8 +377,13 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         return [denoise_step(model, [g])[0] for g in generations]
     t0 = time.perf_counter()
     device = model.embed_tokens.weight.device
-    draws = _draw_ahead(generations, model.config.canvas_length, model.text.vocab_size, device,
-                        inline=device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1))  # fmt: skip
+    draws = _draw_ahead(
+        generations,
+        model.config.canvas_length,
+        model.text.vocab_size,
+        device,
+        inline=device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1),
+    )
     canvases = torch.stack([g.sampler.canvas for g in generations])  # [B, C]
     cache = stack_caches([g.cache for g in generations])
     probs = [g.sc_probs() for g in generations]
@@ -409,8 +424,9 @@ def run_batch(model: DiffusionGemma, generations: list[Generation]) -> Iterator[
             yield g, events
 
 
-def structured_layout(response_format: dict | None, tokenizer: Tokenizer, canvas_length: int,
-                      settings: GenerationSettings) -> tuple[Layout, int] | None:  # fmt: skip
+def structured_layout(
+    response_format: dict | None, tokenizer: Tokenizer, canvas_length: int, settings: GenerationSettings
+) -> tuple[Layout, int] | None:
     """(layout, exact token budget) for an OpenAI `response_format` (None: plain text). The JSON skeleton is pinned,
     value positions are limited to grammar-viable tokens, and the commit takes each value's best grammar-valid path
     (`structured.JsonTemplate.finalize`), so the output always parses and validates. Raises
@@ -457,8 +473,9 @@ def infill_lengths(canvas_length: int, max_fill: int | None = None, hint: int | 
     return sorted({max(1, round(top ** (i / (count - 1)))) for i in range(count)} if count > 1 else {top})
 
 
-def infill_layout(length: int, suffix_ids: list[int], canvas_length: int, eos_id: int | None,
-                  banned: torch.Tensor | None) -> tuple[Layout, int]:  # fmt: skip
+def infill_layout(
+    length: int, suffix_ids: list[int], canvas_length: int, eos_id: int | None, banned: torch.Tensor | None
+) -> tuple[Layout, int]:
     """(layout, budget) for a gap of `length` free positions then the suffix: the suffix is pinned from there to
     the end of the canvas that holds its first `canvas_length` tokens (so a long suffix fills that canvas's tail and
     the rest is left out); a suffix that fits whole is followed by `eos_id` (the text ends there) when given.
@@ -542,8 +559,13 @@ class Pipeline:
     model_dir: Path
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-             device: str | None = None, allow_download: bool = False) -> Pipeline:  # fmt: skip
+    def load(
+        cls,
+        model_dir: str | os.PathLike | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        allow_download: bool = False,
+    ) -> Pipeline:
         model_dir = resolve_model_dir(model_dir or BUNDLED_MODEL, allow_download)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch.device(device).type == "cpu":
@@ -568,8 +590,13 @@ class Pipeline:
             raise ConfigError(f"{self.model_dir} has no tokenizer.json; pass prompt token ids instead")
         return self.tokenizer
 
-    def prompt_ids(self, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
-                   messages: list[dict] | None = None) -> list[int]:  # fmt: skip
+    def prompt_ids(
+        self,
+        prompt: str | None = None,
+        prompt_ids: list[int] | None = None,
+        chat: bool = False,
+        messages: list[dict] | None = None,
+    ) -> list[int]:
         """Token ids for a text prompt (with BOS), a chat (checkpoint template), or ids used exactly as given."""
         if prompt_ids is not None:
             return list(prompt_ids)
@@ -578,17 +605,31 @@ class Pipeline:
             return tok.apply_chat_template(messages or [{"role": "user", "content": prompt or ""}])
         return tok.encode(prompt or "", add_bos=True)
 
-    def request(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, chat: bool = False,
-                messages: list[dict] | None = None, seed: int | None = None, stop: list[str] | tuple = (),
-                layout: Layout | None = None, settle: Settle | None = None, draft: bool = False,
-                response_format: dict | None = None, **knobs) -> Request:  # fmt: skip
+    def request(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_ids: list[int] | None = None,
+        chat: bool = False,
+        messages: list[dict] | None = None,
+        seed: int | None = None,
+        stop: list[str] | tuple = (),
+        layout: Layout | None = None,
+        settle: Settle | None = None,
+        draft: bool = False,
+        response_format: dict | None = None,
+        **knobs,
+    ) -> Request:
         """A Request from a prompt (text, ids or messages) and per-call knobs (GenerationSettings field names).
         `response_format`: OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}; the
         budget becomes the template's length (a smaller max_new_tokens is an error)."""
         settings = self.settings.override(**knobs)
         ids = self.prompt_ids(prompt, prompt_ids, chat, messages)
-        if (structured := structured_layout(response_format, self._need_tokenizer() if response_format else None,
-                                            self.canvas_length, settings)) is not None:  # fmt: skip
+        if (
+            structured := structured_layout(
+                response_format, self._need_tokenizer() if response_format else None, self.canvas_length, settings
+            )
+        ) is not None:
             if layout is not None or stop:
                 raise ConfigError("response_format cannot be combined with a layout or stop strings")
             layout, budget = structured
@@ -597,8 +638,9 @@ class Pipeline:
             settings = settings.override(max_new_tokens=budget)
         return Request(tuple(ids), settings, seed, tuple(stop), layout, settle, draft)
 
-    def stream_generate(self, prompt: str | None = None, *, request: Request | None = None,
-                        **kwargs) -> Iterator[StepEvent | SettleEvent | CanvasEvent | GenerationResult]:  # fmt: skip
+    def stream_generate(
+        self, prompt: str | None = None, *, request: Request | None = None, **kwargs
+    ) -> Iterator[StepEvent | SettleEvent | CanvasEvent | GenerationResult]:
         """Yield a StepEvent per denoising step, SettleEvents (with `settle`), a CanvasEvent per committed canvas
         (text deltas on both), then the GenerationResult. `request` or the arguments of `Pipeline.request`."""
         request = request or self.request(prompt, draft=True, **kwargs)
@@ -615,10 +657,17 @@ class Pipeline:
             if text.finished:
                 break  # a stop string: no more canvases
         yield GenerationResult(
-            list(request.prompt_ids), gen.token_ids, text.text, text.finish_reason or gen.finish_reason,
-            gen.steps_per_canvas, gen.forward_passes, gen.prefill_s, gen.denoise_s, time.perf_counter() - t0,
+            list(request.prompt_ids),
+            gen.token_ids,
+            text.text,
+            text.finish_reason or gen.finish_reason,
+            gen.steps_per_canvas,
+            gen.forward_passes,
+            gen.prefill_s,
+            gen.denoise_s,
+            time.perf_counter() - t0,
             request.seed,
-        )  # fmt: skip
+        )
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         """Drain `stream_generate` and return its result."""
@@ -634,8 +683,15 @@ class Pipeline:
         banned[[i for i in ids if i < banned.numel()]] = True
         return banned
 
-    def infill_requests(self, prompt_ids: list[int], suffix_ids: list[int], lengths: list[int], seed: int | None,
-                        eos_after_suffix: bool = True, **knobs) -> list[Request]:  # fmt: skip
+    def infill_requests(
+        self,
+        prompt_ids: list[int],
+        suffix_ids: list[int],
+        lengths: list[int],
+        seed: int | None,
+        eos_after_suffix: bool = True,
+        **knobs,
+    ) -> list[Request]:
         """One Request per candidate gap length (same seed: they differ only in where the suffix sits)."""
         settings = self.settings.override(**knobs)
         eos = settings.eos_token_ids[0] if eos_after_suffix and settings.eos_token_ids else None
@@ -646,9 +702,19 @@ class Pipeline:
             out.append(Request(tuple(prompt_ids), settings.override(max_new_tokens=budget), seed, layout=layout))
         return out
 
-    def infill(self, prefix: str | None = None, suffix: str | None = None, *, prefix_ids: list[int] | None = None,
-               suffix_ids: list[int] | None = None, lengths: list[int] | None = None, max_fill: int | None = None,
-               seed: int | None = None, eos_after_suffix: bool = True, **knobs) -> InfillResult:  # fmt: skip
+    def infill(
+        self,
+        prefix: str | None = None,
+        suffix: str | None = None,
+        *,
+        prefix_ids: list[int] | None = None,
+        suffix_ids: list[int] | None = None,
+        lengths: list[int] | None = None,
+        max_fill: int | None = None,
+        seed: int | None = None,
+        eos_after_suffix: bool = True,
+        **knobs,
+    ) -> InfillResult:
         """Fill the gap between a prefix (text with BOS, or ids as given) and a suffix; candidate gap `lengths`
         (default `infill_lengths`) run in one batch and `choose_infill` picks one."""
         prefix, moved = move_space(prefix or "") if prefix_ids is None else (None, False)
@@ -674,8 +740,17 @@ class Pipeline:
         passes = sum(g.forward_passes for g in gens)
         return InfillResult(texts[best], fill, cands[best].length, table, passes, time.perf_counter() - t0, seed)
 
-    def edit(self, text: str, start: int, end: int, *, context: str = "", lengths: list[int] | None = None,
-             seed: int | None = None, **knobs) -> EditResult:  # fmt: skip
+    def edit(
+        self,
+        text: str,
+        start: int,
+        end: int,
+        *,
+        context: str = "",
+        lengths: list[int] | None = None,
+        seed: int | None = None,
+        **knobs,
+    ) -> EditResult:
         """Rewrite text[start:end] (character offsets) with everything else fixed: the text before it (after
         `context`, e.g. the prompt that produced it) is the prefix, the text after it is pinned; the new span's
         length is chosen among candidates around the old span's token length."""

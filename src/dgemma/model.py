@@ -243,16 +243,21 @@ class DecoderLayer(nn.Module):
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         for name in (
-            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_1",
             "post_feedforward_layernorm_2",
-        ):  # fmt: skip
+        ):
             setattr(self, name, RMSNorm(h, eps))
         self.register_buffer("layer_scalar", torch.ones(1))  # decoder (denoise) mode
         self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder (prefill/commit) mode
 
-    def forward(self, x, cos, sin, allowed, past=None, decoder: bool = True, impl=("sdpa", "grouped"),
-                invariant: bool = False):  # fmt: skip
+    def forward(
+        self, x, cos, sin, allowed, past=None, decoder: bool = True, impl=("sdpa", "grouped"), invariant: bool = False
+    ):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past, impl[0], invariant)
         r1 = x + self.post_attention_layernorm(attn)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r1)))

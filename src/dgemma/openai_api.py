@@ -147,19 +147,31 @@ def _unsupported(body: GenerationFields) -> None:
             raise APIError(400, f"'{name}' is not supported: {why}", param=name, code="unsupported_parameter")
 
 
-def params(fe: Frontend, body: GenerationFields, prompt: Callable[[], list[int]], max_tokens: int | None,
-           **more) -> Params:  # fmt: skip
+def params(
+    fe: Frontend, body: GenerationFields, prompt: Callable[[], list[int]], max_tokens: int | None, **more
+) -> Params:
     """The protocol-neutral Params of a validated body."""
     if body.model != fe.model_id:
-        raise APIError(404, "The model does not exist; GET /v1/models lists the served model.", "model",
-                       "model_not_found")  # fmt: skip
+        raise APIError(
+            404, "The model does not exist; GET /v1/models lists the served model.", "model", "model_not_found"
+        )
     _unsupported(body)
     opts = body.stream_options or StreamOptions()
     return Params(
-        prompt, max_tokens, body.stop, body.seed, body.n, {k: getattr(body, k) for k in KNOBS}, body.stream,
-        opts.include_usage, opts.include_draft, opts.settle_steps, opts.settle_entropy,
-        response_format=getattr(body, "response_format", None), **more,
-    )  # fmt: skip
+        prompt,
+        max_tokens,
+        body.stop,
+        body.seed,
+        body.n,
+        {k: getattr(body, k) for k in KNOBS},
+        body.stream,
+        opts.include_usage,
+        opts.include_draft,
+        opts.settle_steps,
+        opts.settle_entropy,
+        response_format=getattr(body, "response_format", None),
+        **more,
+    )
 
 
 def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[], list[int]], bool]:
@@ -209,8 +221,16 @@ def edit_params(fe: Frontend, body: EditRequest) -> tuple[Params, int, int]:
     before, moved = move_space(body.context + text[:start])
     hint = len(fe.tokenizer.encode(text[start:end], parse_special=False)) or None
     max_tokens = body.max_tokens or max(fe.canvas, 2 * (hint or 0))
-    p = params(fe, body, lambda: fe.tokenizer.encode(before, add_bos=True), max_tokens, suffix=text[end:],
-               fill_lengths=body.fill_lengths, fill_hint=hint, fill_space=moved)  # fmt: skip
+    p = params(
+        fe,
+        body,
+        lambda: fe.tokenizer.encode(before, add_bos=True),
+        max_tokens,
+        suffix=text[end:],
+        fill_lengths=body.fill_lengths,
+        fill_hint=hint,
+        fill_space=moved,
+    )
     if p.n != 1:
         raise bad("edits take n = 1", "n")
     return p, start, end
@@ -285,8 +305,9 @@ async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kin
     for i in sorted(done):
         d = done[i]
         out = {"message": {"role": "assistant", "content": d["text"]}} if kind == "chat" else {"text": d["text"]}
-        choices.append({"index": i, **out, "logprobs": None, "finish_reason": d["finish_reason"],
-                        "dgemma": d["dgemma"]})  # fmt: skip
+        choices.append(
+            {"index": i, **out, "logprobs": None, "finish_reason": d["finish_reason"], "dgemma": d["dgemma"]}
+        )
     return JSONResponse({**head, "choices": choices, "usage": usage})
 
 
@@ -331,10 +352,16 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
 
 def _draft_event(fe: Frontend, head: dict, i: int, d: StepEvent) -> str:
     draft = {
-        "index": i, "canvas": d.canvas_index, "step": d.step, "tokens": d.draft,
-        "pieces": [fe.piece(t) for t in d.draft], "accepted": d.accepted,
-        "entropy": [round(h, 4) + 0.0 for h in d.entropy], "settled": d.settled, "fixed": d.fixed,
-    }  # fmt: skip
+        "index": i,
+        "canvas": d.canvas_index,
+        "step": d.step,
+        "tokens": d.draft,
+        "pieces": [fe.piece(t) for t in d.draft],
+        "accepted": d.accepted,
+        "entropy": [round(h, 4) + 0.0 for h in d.entropy],
+        "settled": d.settled,
+        "fixed": d.fixed,
+    }
     return "event: draft\n" + _data({**head, "object": "dgemma.draft", "choices": [], "dgemma_draft": draft})
 
 

@@ -127,8 +127,14 @@ class Pins:
     """Fixed tokens and vocabulary limits of one canvas: `fixed` [C] bool with `tokens` [C] (read where fixed);
     `masks` [M, V] bool rows of allowed tokens with `mask_at` [C] long (row index, -1 = any token). Counts are kept as Python ints so that no step has to ask the device whether anything is pinned."""
 
-    def __init__(self, canvas_length: int, fixed: dict[int, int] | None = None, masks: torch.Tensor | None = None,
-                 mask_at: dict[int, int] | None = None, device="cpu"):  # fmt: skip
+    def __init__(
+        self,
+        canvas_length: int,
+        fixed: dict[int, int] | None = None,
+        masks: torch.Tensor | None = None,
+        mask_at: dict[int, int] | None = None,
+        device="cpu",
+    ):
         device = torch.device(device)
         self.fixed = torch.zeros(canvas_length, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(canvas_length, dtype=torch.long, device=device)

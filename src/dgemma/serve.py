@@ -29,8 +29,9 @@ def add_serve_parser(subparsers) -> None:
     net.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     net.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or set DGEMMA_API_KEY)")
-    net.add_argument("--allow-unauthenticated-network", action="store_true",
-                     help="allow a non-loopback --host without an API key")  # fmt: skip
+    net.add_argument(
+        "--allow-unauthenticated-network", action="store_true", help="allow a non-loopback --host without an API key"
+    )
     lim = p.add_argument_group("capacity and limits")
     lim.add_argument("--max-batch", type=positive_int, default=8, metavar="N", help="requests per denoise step")
     lim.add_argument("--max-queue", type=positive_int, default=64, metavar="N", help="waiting requests before 503")
@@ -38,21 +39,44 @@ def add_serve_parser(subparsers) -> None:
     lim.add_argument("--max-tokens", type=positive_int, metavar="N", help="cap on a request's max_tokens")
     srv = p.add_argument_group("serving")
     srv.add_argument("--model-id", metavar="NAME", help="model name clients send (default: dgemma-<dir name>)")
-    srv.add_argument("--settle-steps", type=positive_int, default=3, metavar="N",
-                     help="steps a streamed token's argmax must hold before it is sent")  # fmt: skip
-    srv.add_argument("--settle-entropy", type=positive_float, default=0.1, metavar="X",
-                     help="max entropy (nats) of a token sent before its canvas commits")  # fmt: skip
+    srv.add_argument(
+        "--settle-steps",
+        type=positive_int,
+        default=3,
+        metavar="N",
+        help="steps a streamed token's argmax must hold before it is sent",
+    )
+    srv.add_argument(
+        "--settle-entropy",
+        type=positive_float,
+        default=0.1,
+        metavar="X",
+        help="max entropy (nats) of a token sent before its canvas commits",
+    )
     srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
     srv.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    srv.add_argument("--threads", type=positive_int, metavar="N",
-                     help="torch CPU threads per process (default on CPU: cores / processes - 1, at least 1: a core is "
-                          "left for the HTTP loop)")  # fmt: skip
-    srv.add_argument("--processes", type=positive_int, metavar="N",
-                     help="server processes on one port, each with its own model copy and batching engine (Python "
-                          "runs one thread at a time, so this is how a small model uses several CPU cores). Default: "
-                          "1 on CUDA; on CPU one per core (at most 4) while the copies fit in a quarter of the RAM")  # fmt: skip
-    srv.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                     help="run a step's batch as N groups side by side in threads")  # fmt: skip
+    srv.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch CPU threads per process (default on CPU: cores / processes - 1, at least 1: a core is "
+        "left for the HTTP loop)",
+    )
+    srv.add_argument(
+        "--processes",
+        type=positive_int,
+        metavar="N",
+        help="server processes on one port, each with its own model copy and batching engine (Python "
+        "runs one thread at a time, so this is how a small model uses several CPU cores). Default: "
+        "1 on CUDA; on CPU one per core (at most 4) while the copies fit in a quarter of the RAM",
+    )
+    srv.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run a step's batch as N groups side by side in threads",
+    )
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_serve)
 
@@ -62,8 +86,10 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
     loopback = is_loopback(args.host)
     if not loopback and api_key is None and not args.allow_unauthenticated_network:
-        raise CliError(f"refusing to serve on {args.host} without an API key; pass --api-key (or DGEMMA_API_KEY), "
-                       "or --allow-unauthenticated-network if anyone who can reach it may use it")  # fmt: skip
+        raise CliError(
+            f"refusing to serve on {args.host} without an API key; pass --api-key (or DGEMMA_API_KEY), "
+            "or --allow-unauthenticated-network if anyone who can reach it may use it"
+        )
     if not 0 <= args.port < 65536:
         raise CliError(f"--port must be in 0..65535, got {args.port}")
     try:
@@ -91,8 +117,9 @@ def run_serve(args: argparse.Namespace) -> int:
         del app
         release_memory()  # the parent only supervises: its checked copy of the model goes
         # children are spawned (fresh interpreters) and rebuild the app from these settings; they share the socket
-        os.environ[CHILD_SETTINGS] = json.dumps({**vars(args), "handler": None, "api_key": api_key,
-                                                 "loopback": loopback})  # fmt: skip
+        os.environ[CHILD_SETTINGS] = json.dumps(
+            {**vars(args), "handler": None, "api_key": api_key, "loopback": loopback}
+        )
         config = uvicorn.Config(f"{__name__}:app_from_env", factory=True, workers=args.processes, **options)
         print(f"dgemma: serving {model_id} on http://{host}:{port}/ ({args.processes} processes)", file=sys.stderr)
         if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.36 takes the worker function too
@@ -143,10 +170,17 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
             # one Python thread drives each model: torch threads beyond the cores left over only contend
             torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.processes - 1))
         return create_app(
-            pipeline, model_id=args.model_id, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-            max_n=args.max_n, max_tokens_cap=args.max_tokens, loopback_only=loopback,
-            settle=Settle(args.settle_steps, args.settle_entropy), workers=args.workers,
-        )  # fmt: skip
+            pipeline,
+            model_id=args.model_id,
+            api_key=api_key,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            max_n=args.max_n,
+            max_tokens_cap=args.max_tokens,
+            loopback_only=loopback,
+            settle=Settle(args.settle_steps, args.settle_entropy),
+            workers=args.workers,
+        )
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e), EXIT_CHECKPOINT) from None
 

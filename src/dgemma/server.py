@@ -33,10 +33,20 @@ MAX_N = 8
 DEFAULT_SETTLE = Settle()
 
 
-def create_app(pipeline, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, max_n: int = MAX_N, max_tokens_cap: int | None = None,
-               max_body: int = MAX_BODY, loopback_only: bool = True, settle: Settle = DEFAULT_SETTLE,
-               workers: int = 1) -> FastAPI:  # fmt: skip
+def create_app(
+    pipeline,
+    *,
+    model_id: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_n: int = MAX_N,
+    max_tokens_cap: int | None = None,
+    max_body: int = MAX_BODY,
+    loopback_only: bool = True,
+    settle: Settle = DEFAULT_SETTLE,
+    workers: int = 1,
+) -> FastAPI:
     """The FastAPI app. Its engine thread starts and stops with the app's lifespan."""
     engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue, workers=workers)
     srv = Frontend(pipeline, engine, model_id or f"dgemma-{pipeline.model_dir.name}", max_n, max_tokens_cap, settle)
@@ -47,8 +57,14 @@ def create_app(pipeline, *, model_id: str | None = None, api_key: str | None = N
         yield
         await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="dgemma", summary="OpenAI-compatible DiffusionGemma server", version="0.1.0",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)  # fmt: skip
+    app = FastAPI(
+        title="dgemma",
+        summary="OpenAI-compatible DiffusionGemma server",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.state.server = srv
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, loopback_only=loopback_only)
     _add_error_handlers(app)
@@ -88,8 +104,12 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
     @app.get("/health")
     async def health():
         ok = srv.engine.healthy()
-        body = {"status": "ok" if ok else "unavailable", "model": srv.model_id, "auth": auth,
-                "engine": srv.engine.stats()}  # fmt: skip
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "model": srv.model_id,
+            "auth": auth,
+            "engine": srv.engine.stats(),
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/", include_in_schema=False)
@@ -127,9 +147,12 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
 
 def _model_card(srv: Frontend) -> dict:
     return {
-        "id": srv.model_id, "object": "model", "created": srv.created, "owned_by": "dgemma",
+        "id": srv.model_id,
+        "object": "model",
+        "created": srv.created,
+        "owned_by": "dgemma",
         "dgemma": {"canvas_length": srv.canvas, "max_context": srv.context, "vocab_size": srv.vocab},
-    }  # fmt: skip
+    }
 
 
 def _error(exc: APIError) -> JSONResponse:

@@ -32,8 +32,14 @@ class TextStream:
     once the output ended: "stop" (EOS or a stop string) or "length" (budget), or whatever `push(final=reason)`
     gave."""
 
-    def __init__(self, tokenizer, stop: Iterable[str] = (), max_tokens: int | None = None,
-                 eos_ids: Iterable[int] = (), parser: OutputParser | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        stop: Iterable[str] = (),
+        max_tokens: int | None = None,
+        eos_ids: Iterable[int] = (),
+        parser: OutputParser | None = None,
+    ):
         self.tokenizer, self.stop, self.max_tokens = tokenizer, [s for s in stop if s], max_tokens
         self.eos, self.parser = set(eos_ids), parser
         self.ids: list[int] = []

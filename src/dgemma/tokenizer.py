@@ -24,8 +24,13 @@ ROLES = ("system", "user", "assistant", "model")
 class Tokenizer:
     """Encode/decode plus chat rendering; thread-safe."""
 
-    def __init__(self, tok: HFTokenizer, chat_template: str | None = None, bos_token: str | None = None,
-                 eos_token: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tok: HFTokenizer,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ):
         self.tok, self.chat_template = tok, chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = tok.token_to_id(bos_token) if bos_token else None
@@ -87,9 +92,11 @@ class Tokenizer:
         masked = [{**m, "content": mark} for m, mark in zip(messages, markers)]
         try:
             rendered = self._template.render(
-                messages=masked, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            )  # fmt: skip
+                messages=masked,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
         except TemplateError as e:
             raise ConfigError(f"chat template failed: {e}") from None
         ids: list[int] = []

@@ -36,15 +36,33 @@ def model_config(tc: TrainConfig) -> ModelConfig:
     """A DiffusionGemma config with sliding and full layers (full every third layer, last forced full)."""
     layer_types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(tc.num_layers)]
     text = {
-        "vocab_size": tc.vocab_size, "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
-        "moe_intermediate_size": tc.moe_intermediate_size, "num_experts": tc.num_experts, "top_k_experts": tc.top_k_experts,
-        "num_hidden_layers": tc.num_layers, "num_attention_heads": tc.num_heads, "num_key_value_heads": tc.kv_heads,
-        "head_dim": tc.head_dim, "global_head_dim": tc.global_head_dim, "num_global_key_value_heads": tc.global_kv_heads,
-        "layer_types": layer_types, "sliding_window": tc.sliding_window, "max_position_embeddings": 4096,
-        "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID,
-    }  # fmt: skip
-    return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": tc.canvas_length,
-                                  "text_config": text, "eos_token_id": [EOS_ID]})  # fmt: skip
+        "vocab_size": tc.vocab_size,
+        "hidden_size": tc.hidden_size,
+        "intermediate_size": tc.intermediate_size,
+        "moe_intermediate_size": tc.moe_intermediate_size,
+        "num_experts": tc.num_experts,
+        "top_k_experts": tc.top_k_experts,
+        "num_hidden_layers": tc.num_layers,
+        "num_attention_heads": tc.num_heads,
+        "num_key_value_heads": tc.kv_heads,
+        "head_dim": tc.head_dim,
+        "global_head_dim": tc.global_head_dim,
+        "num_global_key_value_heads": tc.global_kv_heads,
+        "layer_types": layer_types,
+        "sliding_window": tc.sliding_window,
+        "max_position_embeddings": 4096,
+        "pad_token_id": PAD_ID,
+        "eos_token_id": EOS_ID,
+        "bos_token_id": BOS_ID,
+    }
+    return ModelConfig.from_dict(
+        {
+            "model_type": "diffusion_gemma",
+            "canvas_length": tc.canvas_length,
+            "text_config": text,
+            "eos_token_id": [EOS_ID],
+        }
+    )
 
 
 def init_weights(model: DiffusionGemma, seed: int) -> None:
@@ -106,8 +124,9 @@ class Trainer:
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=(0.9, 0.95),
-        )  # fmt: skip
+            lr=tc.lr,
+            betas=(0.9, 0.95),
+        )
         self.masks = block_masks(self.config.text.layer_types, tc.seq_len, tc.canvas_length, tc.sliding_window)
         self.positions = torch.arange(tc.seq_len).repeat(2)[None]  # noised tokens sit at their clean positions
         self.step, self.history, self.tokens_seen, self.elapsed = 0, {"train": [], "val": []}, 0, 0.0
@@ -206,8 +225,14 @@ class Trainer:
             self.history["train"].append((self.step, loss.item()))
             if self.step % 10 == 0:
                 rate = window_tokens / (time.time() - window_t)
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", self.step, tc.steps, loss.item(),
-                         self.lr_at(self.step), rate)  # fmt: skip
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e %.0f tok/s",
+                    self.step,
+                    tc.steps,
+                    loss.item(),
+                    self.lr_at(self.step),
+                    rate,
+                )
                 window_t, window_tokens = time.time(), 0
             if self.step % tc.eval_every == 0 or self.step == tc.steps:
                 self.history["val"].append((self.step, self.evaluate()))
@@ -243,11 +268,16 @@ class Trainer:
     def save(self) -> None:
         """Training state (resumable, tensors only) + an exported checkpoint + the loss curve."""
         state = {
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-            "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "history": json.dumps(self.history),
-            "gen": self.gen.get_state(), "rng": json.dumps(self.rng.getstate()),
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed,
+            "history": json.dumps(self.history),
+            "gen": self.gen.get_state(),
+            "rng": json.dumps(self.rng.getstate()),
             "config": json.dumps(dataclasses.asdict(self.tc)),
-        }  # fmt: skip
+        }
         tmp = self.out / "train_state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(self.out / "train_state.pt")
@@ -261,8 +291,13 @@ class Trainer:
         self.model.eval()
         save_model(self.model, path, settings=settings, tokenizer=self.tokenizer, dtype=torch.float32)
         self.model.train()
-        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": round(self.elapsed), "train_config": dataclasses.asdict(self.tc),
-                "val": self.history["val"][-1][1] if self.history["val"] else None}  # fmt: skip
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": round(self.elapsed),
+            "train_config": dataclasses.asdict(self.tc),
+            "val": self.history["val"][-1][1] if self.history["val"] else None,
+        }
         (path / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def _warm_start(self, model_dir: Path) -> None:

@@ -141,3 +141,20 @@ def test_cli_generate_budget_is_exact():
     ]
     got = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout)
     assert len(got["token_ids"]) <= 5 and (got["finish_reason"] == "length" or 1 in got["token_ids"])
+
+
+def test_structured_output_when_the_model_vocabulary_is_larger_than_the_tokenizer(pipe):
+    """Real checkpoints may pad the embedding past the tokenizer: masks are widened, padded ids never allowed."""
+    import dataclasses
+
+    import jsonschema
+    from tiny import random_model, tiny_config
+
+    vocab = pipe.tokenizer.vocab_size + 12
+    big = dataclasses.replace(pipe, model=random_model(tiny_config(canvas_length=16, vocab_size=vocab), seed=3))
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "string"}}}
+    r = big.generate(
+        "x", seed=0, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    )
+    jsonschema.validate(json.loads(r.text), schema)
+    assert max(r.token_ids) < pipe.tokenizer.vocab_size

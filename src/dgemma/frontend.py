@@ -207,7 +207,9 @@ class Frontend:
         if p.stop:
             raise bad("stop strings cannot be combined with response_format (they could cut the JSON)", "stop")
         try:
-            out = await run_in_threadpool(structured_layout, p.response_format, self.tokenizer, self.canvas, settings)
+            out = await run_in_threadpool(
+                structured_layout, p.response_format, self.tokenizer, self.pipeline.model, settings
+            )
         except UnsupportedSchema as e:
             raise APIError(400, str(e), "response_format", "unsupported_schema") from None
         except ValueError as e:  # ConfigError included

@@ -176,6 +176,8 @@ class Generation:
         layout = request.layout
         if layout is not None and any(not 0 <= t < vocab for t in layout.fixed.values()):
             raise ConfigError(f"pinned token ids must be in [0, {vocab})")
+        if layout is not None and layout.mask_at and layout.masks.shape[-1] != vocab:
+            raise ConfigError(f"vocabulary masks have {layout.masks.shape[-1]} columns; the model has {vocab} tokens")
         self.model, self.request, self.settings = model, request, request.settings
         self.canvas_length = c = model.config.canvas_length
         self.max_canvases = math.ceil(request.max_tokens / c)
@@ -425,7 +427,7 @@ def run_batch(model: DiffusionGemma, generations: list[Generation]) -> Iterator[
 
 
 def structured_layout(
-    response_format: dict | None, tokenizer: Tokenizer, canvas_length: int, settings: GenerationSettings
+    response_format: dict | None, tokenizer: Tokenizer, model: DiffusionGemma, settings: GenerationSettings
 ) -> tuple[Layout, int] | None:
     """(layout, exact token budget) for an OpenAI `response_format` (None: plain text). The JSON skeleton is pinned,
     value positions are limited to grammar-viable tokens, and the commit takes each value's best grammar-valid path
@@ -437,10 +439,19 @@ def structured_layout(
         return None
     if not settings.eos_token_ids:
         raise ConfigError("structured output needs an EOS token id (generation_config.json eos_token_id)")
-    template = compile_response_format(response_format, tokenizer, canvas_length, settings.eos_token_ids[0])
+    template = compile_response_format(
+        response_format, tokenizer, model.config.canvas_length, settings.eos_token_ids[0]
+    )
     if template is None:
         return None
-    return Layout(template.fixed, template.masks, template.mask_at, template.finalize), template.length
+    masks = template.masks  # [M, tokenizer vocab]: ids the tokenizer does not know are never allowed
+    known = masks.shape[1]
+    masks = torch.cat([masks, masks.new_zeros(masks.shape[0], model.text.vocab_size - known)], dim=1)
+
+    def finalize(start: int, logprobs: torch.Tensor) -> dict[int, int]:
+        return template.finalize(start, logprobs[:, :known])
+
+    return Layout(template.fixed, masks, template.mask_at, finalize), template.length
 
 
 # --- infill and edit ----------------------------------------------------------------------------------------------
@@ -627,7 +638,7 @@ class Pipeline:
         ids = self.prompt_ids(prompt, prompt_ids, chat, messages)
         if (
             structured := structured_layout(
-                response_format, self._need_tokenizer() if response_format else None, self.canvas_length, settings
+                response_format, self._need_tokenizer() if response_format else None, self.model, settings
             )
         ) is not None:
             if layout is not None or stop:

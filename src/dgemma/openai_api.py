@@ -270,13 +270,12 @@ async def respond(fe: Frontend, plan: Plan, request: Request, kind: str, edit: t
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not collect.done():
+        gone.cancel()
+        finished = collect.done()
+        if not finished:
             fe.cancel(jobs, inbox)
             collect.cancel()
-        gone.cancel()
-    if collect.cancelled():
-        return Response(status_code=499)  # nobody is listening
-    return collect.result()
+    return collect.result() if finished else Response(status_code=499)  # 499: nobody is listening
 
 
 async def _disconnected(request: Request) -> None:

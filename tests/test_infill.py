@@ -66,6 +66,9 @@ def test_edit_rewrites_only_the_span(pipe):
     assert old in [c["length"] for c in r.infill.candidates]  # candidates centre on the old span's length
     with pytest.raises(ConfigError, match="span"):
         pipe.edit(text, 30, 10)
+    by_lines = pipe.edit(text, lines=(2, 2), seed=1)
+    assert by_lines.start == text.index("And") and by_lines.end == len(text) - 1
+    assert by_lines.text.startswith(text.split("\n")[0] + "\n") and by_lines.text.endswith("\n")
 
 
 def test_structured_output_from_the_python_api(pipe):

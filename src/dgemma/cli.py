@@ -346,7 +346,7 @@ def run_edit(args: argparse.Namespace) -> int:
             if not start <= end <= len(text):
                 raise CliError(f"--chars must satisfy 0 <= A <= B <= {len(text)}, got {args.chars}")
     except ConfigError as e:
-        raise CliError(str(e)) from None
+        raise CliError(str(e)) from None  # before loading the model: a bad range fails at once
     pipe = load_pipeline(args)
     if pipe.tokenizer is None:
         raise CliError("this checkpoint has no tokenizer.json; edit needs text", EXIT_CHECKPOINT)

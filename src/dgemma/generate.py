@@ -754,18 +754,23 @@ class Pipeline:
     def edit(
         self,
         text: str,
-        start: int,
-        end: int,
+        start: int | None = None,
+        end: int | None = None,
         *,
+        lines: tuple[int, int] | None = None,
         context: str = "",
         lengths: list[int] | None = None,
         seed: int | None = None,
         **knobs,
     ) -> EditResult:
-        """Rewrite text[start:end] (character offsets) with everything else fixed: the text before it (after
-        `context`, e.g. the prompt that produced it) is the prefix, the text after it is pinned; the new span's
-        length is chosen among candidates around the old span's token length."""
-        if not 0 <= start <= end <= len(text):
+        """Rewrite text[start:end] (character offsets) or `lines` (first, last: 1-based, inclusive) with everything
+        else fixed: the text before it (after `context`, e.g. the prompt that produced it) is the prefix, the text
+        after it is pinned; the new span's length is chosen among candidates around the old span's token length."""
+        if lines is not None:
+            if start is not None or end is not None:
+                raise ConfigError("give either lines or start/end")
+            start, end = line_span(text, *lines)
+        if start is None or end is None or not 0 <= start <= end <= len(text):
             raise ConfigError(f"the span [{start}, {end}) is not inside the text (0..{len(text)})")
         tok = self._need_tokenizer()
         old = len(tok.encode(text[start:end], parse_special=False))

@@ -13,7 +13,7 @@ import pytest
 
 from dgemma.cli import main
 from dgemma.config import ConfigError
-from dgemma.generate import Generation, Pipeline, infill_layout, infill_lengths, run_batch
+from dgemma.generate import Generation, Pipeline, infill_layout, infill_lengths, line_span, move_space, run_batch
 
 PREFIX, SUFFIX = "And God said, Let there be", " and there was light."
 
@@ -89,7 +89,7 @@ def test_cli_infill_file_and_json(tmp_path, capsys):
     f.write_text("And God said, Let there be<FILL> and there was light.\n")
     assert main(["infill", "--file", str(f), "--seed", "3", "--lengths", "2,4"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("And God said, Let there be") and out.endswith(" and there was light.\n\n")
+    assert out.startswith("And God said, Let there be") and out.endswith(" and there was light.\n")
     assert main(["infill", "--prefix", PREFIX, "--suffix", SUFFIX, "--seed", "3", "--lengths", "2,4", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["length"] in (2, 4) and len(got["token_ids"]) == got["length"] and got["seed"] == 3
@@ -104,7 +104,8 @@ def test_cli_infill_file_and_json(tmp_path, capsys):
         (["infill", "--file", "FILE", "--prefix", "a"], "not both"),
         (["infill", "--prefix", "a", "--lengths", "0"], "infill lengths"),
         (["edit", "FILE", "--lines", "9-12"], "lines must be within"),
-        (["edit", "FILE", "--lines", "two"], "--lines expects"),
+        (["edit", "FILE", "--lines", "two"], "--lines must look like"),
+        (["edit", "FILE", "--lines", "²"], "--lines must look like"),
         (["edit", "FILE", "--chars", "5-2"], "--chars must satisfy"),
         (["edit", "missing.txt", "--lines", "1-1"], "cannot read"),
     ],
@@ -161,3 +162,36 @@ def test_structured_output_when_the_model_vocabulary_is_larger_than_the_tokenize
     )
     jsonschema.validate(json.loads(r.text), schema)
     assert max(r.token_ids) < pipe.tokenizer.vocab_size
+
+
+def test_infill_layout_ends_the_text_and_never_spills_a_canvas_for_the_eos():
+    c = 8
+    layout, budget = infill_layout(3, [50, 51], c, eos_id=1, banned=None, pad_id=0)
+    assert budget == 6 and layout.fixed == {3: 50, 4: 51, 5: 1, 6: 0, 7: 0}  # EOS, then pads: nothing left to denoise
+    layout, budget = infill_layout(5, [50, 51, 52], c, eos_id=1, banned=None, pad_id=0)
+    assert budget == 8 and max(layout.fixed) == 7 and 1 not in layout.fixed.values()  # exact fit: no extra canvas
+    layout, budget = infill_layout(4, [], c, eos_id=1, banned=None)
+    assert budget == 5 and layout.fixed[4] == 1 and layout.fixed[7] == 1  # empty suffix: the text ends after the fill
+    layout, budget = infill_layout(4, [], c, eos_id=None, banned=None)
+    assert budget == 4 and not layout.fixed and layout.probe is None
+
+
+def test_candidate_lengths():
+    assert infill_lengths(32) == [1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 23, 32]
+    assert infill_lengths(16, max_fill=5) == [1, 2, 3, 4, 5]
+    long = infill_lengths(32, hint=300)
+    assert 300 in long and max(long) == 600 and min(long) == 150  # a long span keeps long candidates
+
+
+def test_line_spans_split_at_newlines_only():
+    assert line_span("a\x0cb\nc\n", 2, 2) == (4, 5)  # a form feed is not a line break for editors
+    assert line_span("a\r\nbb\r\n", 2, 2) == (3, 5)
+    assert line_span("one\ntwo", 1, 2) == (0, 7)
+    with pytest.raises(ConfigError, match="within 1-2"):
+        line_span("one\ntwo\n", 3, 3)
+
+
+def test_move_space():
+    assert move_space("Let there be ") == ("Let there be", True)
+    assert move_space("    indented    ") == ("    indented    ", False)
+    assert move_space("") == ("", True)  # at the start of a text, a fill's leading space is dropped

@@ -763,6 +763,7 @@ def test_edits_endpoint_matches_pipeline_edit(http, pipeline):
         ({"start": 9, "end": 3}, "end"),
         ({"lines": "7-9"}, "lines"),
         ({"lines": "x"}, "lines"),
+        ({"lines": "1-\u00b2"}, "lines"),
         ({"lines": "1-1", "start": 0, "end": 1}, "lines"),
         ({}, "start"),
         ({"start": 0, "end": 2, "n": 2}, "n"),
@@ -789,3 +790,27 @@ def test_no_client_gets_more_tokens_than_asked(client, pipeline, max_tokens):
     )
     assert parts[-1].usage.completion_tokens <= max_tokens
     assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+
+
+def test_caps_apply_to_what_the_client_asked(pipeline):
+    """--max-tokens caps the fill, not the pinned suffix; a schema too long for it names response_format; a request
+    that needs more generations than the queue holds is a 400, not a 503 that retrying can never fix."""
+    app = create_app(pipeline, model_id=MODEL, max_tokens_cap=8, max_queue=6)
+    with LiveServer(app) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        ok = c.post(
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": "The",
+                "suffix": " end of it all, and more.",
+                "fill_lengths": None,
+                "max_tokens": 4,
+            },
+        )
+        assert ok.status_code == 200, ok.text
+        schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}}
+        rf = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": rf}
+        assert "caps max_tokens" in error(c.post("/v1/chat/completions", json=body), 400, "response_format")["message"]
+        many = c.post("/v1/completions", json={"model": MODEL, "prompt": "The", "suffix": " end.", "max_tokens": 8})
+        assert "queue holds 6" in error(many, 400, "n")["message"]

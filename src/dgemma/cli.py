@@ -292,7 +292,7 @@ def run_infill(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(infill_json(r)))
     else:
-        print(prefix + r.text + suffix if args.file is not None else r.text)
+        sys.stdout.write(prefix + r.text + suffix if args.file is not None else r.text + "\n")
     return 0
 
 
@@ -327,10 +327,13 @@ def add_edit_parser(subparsers) -> None:
 
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
-    first, sep, last = text.partition("-")
-    if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
-        raise CliError(f"{flag} expects A-B with non-negative integers, got {text!r}")
-    return int(first), int(last if sep else first)
+    from .config import ConfigError
+    from .generate import parse_range as parse
+
+    try:
+        return parse(text, flag)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -351,7 +354,7 @@ def run_edit(args: argparse.Namespace) -> int:
     if pipe.tokenizer is None:
         raise CliError("this checkpoint has no tokenizer.json; edit needs text", EXIT_CHECKPOINT)
     knobs = {k: v for k, v in knobs_from(args).items() if k != "max_new_tokens"}
-    r = pipe.edit(text, start, end, lengths=args.lengths, seed=seed_of(args), **knobs)
+    r = pipe.edit(text, start, end, lengths=args.lengths, max_fill=args.max_new_tokens, seed=seed_of(args), **knobs)
     if args.json:
         print(
             json.dumps(

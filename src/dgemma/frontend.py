@@ -184,8 +184,14 @@ class Frontend:
         if p.suffix is not None:
             return await self._infill_plan(p, ids, seeds, stop)
         if layout is not None:
-            layout, budget = layout
-            max_tokens = self._check_length(len(ids), budget, budget)
+            layout, max_tokens = layout
+            if self.max_tokens_cap is not None and max_tokens > self.max_tokens_cap:
+                raise bad(
+                    f"this response_format needs {max_tokens} tokens; the server caps max_tokens at "
+                    f"{self.max_tokens_cap}",
+                    "response_format",
+                )
+            self._check_context(len(ids), max_tokens, "response_format")
         else:
             max_tokens = self._check_length(len(ids), p.max_tokens, settings.max_new_tokens)
         settle = None
@@ -223,7 +229,7 @@ class Frontend:
 
     async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:
         suffix_ids = await run_in_threadpool(self.tokenizer.encode, p.suffix, False, False)
-        max_fill = p.max_tokens or self.canvas
+        max_fill = p.max_tokens or min(self.canvas, self.max_tokens_cap or self.canvas)
         if self.max_tokens_cap is not None and max_fill > self.max_tokens_cap:
             raise bad(f"max_tokens must be at most {self.max_tokens_cap}", "max_tokens")
         lengths = sorted(set(p.fill_lengths or infill_lengths(self.canvas, max_fill, p.fill_hint)))
@@ -233,8 +239,8 @@ class Frontend:
             choices = [self.pipeline.infill_requests(ids, suffix_ids, lengths, s, **p.knobs) for s in seeds]
         except ConfigError as e:
             raise bad(str(e)) from None
-        longest = max(r.max_tokens for r in choices[0])
-        self._check_length(len(ids), longest, longest)
+        longest = max(r.max_tokens for r in choices[0])  # the fill (capped above) + the pinned suffix
+        self._check_context(len(ids), longest)
         preview = min(range(len(lengths)), key=lambda k: abs(lengths[k] - (p.fill_hint or max_fill // 2)))
         draft = p.include_draft and p.stream
         if draft:
@@ -259,21 +265,31 @@ class Frontend:
             return max_tokens
         if self.max_tokens_cap is not None and max_tokens > self.max_tokens_cap:
             raise bad(f"max_tokens must be at most {self.max_tokens_cap}", "max_tokens")
-        needed = math.ceil(max_tokens / c) * c
+        self._check_context(prompt_len, max_tokens)
+        return max_tokens
+
+    def _check_context(self, prompt_len: int, tokens: int, param: str = "max_tokens") -> None:
+        """400 when the prompt and the canvases `tokens` new tokens need do not fit the context."""
+        needed = math.ceil(tokens / self.canvas) * self.canvas
         if prompt_len + needed > self.context:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.context} tokens; the prompt has "
-                f"{prompt_len} tokens and max_tokens={max_tokens} needs {needed} (canvases of {c}).",
-                "max_tokens",
+                f"{prompt_len} tokens and {tokens} new tokens need {needed} (canvases of {self.canvas}).",
+                param,
                 "context_length_exceeded",
             )
-        return max_tokens
 
     # --- running ---------------------------------------------------------------------------------------------
     def submit(self, plan: Plan) -> tuple[list[Job], Inbox]:
         inbox = Inbox(asyncio.get_running_loop())
         requests = [r for choice in plan.choices for r in choice]
+        if len(requests) > self.engine.max_queue:  # all-or-nothing submission could never succeed: not a 503
+            raise bad(
+                f"this request needs {len(requests)} generations (n x infill candidates) but the queue holds "
+                f"{self.engine.max_queue}; lower n or give fewer fill lengths",
+                "n",
+            )
         jobs = [Job(r, inbox.deliver_to(j)) for j, r in enumerate(requests)]
         try:
             self.engine.submit(jobs)
@@ -350,8 +366,8 @@ class Frontend:
             InfillCandidate(n, f.token_ids, f.seam_nll, f.free_entropy) for n, f in zip(plan.fill_lengths, results)
         ]
         best = choose_infill(cands)
-        delta = text.push(cands[best].token_ids[: cands[best].length], "stop")
-        if plan.fill_space and text.text.startswith(" "):
+        delta = text.push(cands[best].fill, "stop")
+        if plan.fill_space and text.text.startswith(" "):  # generate.drop_moved_space, applied to the stream
             delta, text.text = delta[1:], text.text[1:]
         chosen = results[best]
         infill = {"length": cands[best].length, "candidates": [{"length": c.length, "score": c.score} for c in cands]}

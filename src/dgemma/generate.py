@@ -37,7 +37,8 @@ from .text import TextStream
 from .tokenizer import Tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
-SEAM_TOKENS = 4  # suffix tokens right after the gap that score an infill candidate
+SEAM_TOKENS = 8  # suffix tokens right after the gap that score an infill candidate
+PROBE_DRAWS = 4  # noise draws averaged by the seam probe (one batched forward)
 
 
 # --- the request ----------------------------------------------------------------------------------------------------
@@ -66,11 +67,6 @@ class Layout:
     mask_at: Mapping[int, int] = dataclasses.field(default_factory=dict)
     finalize: Callable[[int, torch.Tensor], dict[int, int]] | None = None
     probe: tuple[int, int] | None = None
-
-    @property
-    def end(self) -> int:
-        """One past the last position the layout constrains."""
-        return max([*self.fixed, *self.mask_at], default=-1) + 1
 
     def pins(self, canvas_index: int, canvas_length: int, device) -> Pins | None:
         lo, hi = canvas_index * canvas_length, (canvas_index + 1) * canvas_length
@@ -307,7 +303,9 @@ class Generation:
                 canvas[idx] = torch.tensor(list(chosen.values()), dtype=canvas.dtype, device=canvas.device)
         if layout is not None and layout.probe is not None and start <= layout.probe[0] < start + self.canvas_length:
             self.seam_nll = self._probe(canvas, layout.probe[0] - start, layout.probe[1])
-        self.free_entropy.append(r.mean_entropy)
+        pins = self.sampler.pins
+        if pins is None or pins.count < self.canvas_length:  # a wholly pinned canvas has no entropy to report
+            self.free_entropy.append(r.mean_entropy)
         tokens = canvas.tolist()
         cut = next((i + 1 for i, t in enumerate(tokens) if t in self.eos), None)
         kept = (tokens if cut is None else tokens[:cut])[: self.request.max_tokens - len(self.token_ids)]
@@ -328,15 +326,16 @@ class Generation:
 
     def _probe(self, canvas: torch.Tensor, at: int, count: int) -> float:
         """Mean NLL of canvas[at : at + count] when those positions are replaced by uniform noise and the rest of
-        the canvas stays (one extra forward, no self-conditioning, its own seeded noise). A pinned token's own
-        NLL says nothing (the model copies a clean input), but restoring the first suffix tokens from the prefix
-        and the fill measures how well the fill leads into them."""
+        the canvas stays: PROBE_DRAWS noise draws in one batched forward, no self-conditioning, its own seeded
+        noise. A pinned token's own NLL says nothing (the model copies a clean input), but restoring the first
+        suffix tokens from the prefix and the fill measures how well the fill leads into them."""
         hi = min(at + count, canvas.shape[0])
         g = torch.Generator().manual_seed((self.request.seed or 0) + 2)
-        x = canvas.clone()
-        x[at:hi] = torch.randint(0, self.model.text.vocab_size, (hi - at,), generator=g).to(x.device)
-        logits = self.model.denoise(x[None], self.cache)[0, at:hi]  # [count, V]
-        nll = logits.logsumexp(-1) - logits.gather(-1, canvas[at:hi, None])[:, 0]
+        x = canvas.repeat(PROBE_DRAWS, 1)  # [D, C]
+        x[:, at:hi] = torch.randint(0, self.model.text.vocab_size, (PROBE_DRAWS, hi - at), generator=g).to(x.device)
+        logits = self.model.denoise(x, stack_caches([self.cache] * PROBE_DRAWS))[:, at:hi]  # [D, count, V]
+        truth = canvas[at:hi].expand(PROBE_DRAWS, -1)
+        nll = logits.logsumexp(-1) - logits.gather(-1, truth[..., None])[..., 0]
         self.forward_passes += 1
         return float(nll.mean())
 
@@ -465,8 +464,12 @@ class InfillCandidate:
     free_entropy: list[float]
 
     @property
+    def fill(self) -> list[int]:
+        return self.token_ids[: self.length]
+
+    @property
     def entropy(self) -> float:
-        """Mean final entropy of the free positions over the canvases the gap spans."""
+        """Mean final entropy of the free positions (the gap: the rest is pinned) over the canvases the gap spans."""
         return sum(self.free_entropy) / max(len(self.free_entropy), 1)
 
     @property
@@ -474,43 +477,58 @@ class InfillCandidate:
         return (self.seam_nll or 0.0) + self.entropy
 
 
-def infill_lengths(canvas_length: int, max_fill: int | None = None, hint: int | None = None, count: int = 8):
-    """Candidate gap lengths in tokens: around `hint` (an edit's original span) or spread geometrically over
-    [1, max_fill] (default: one canvas)."""
+def infill_lengths(canvas_length: int, max_fill: int | None = None, hint: int | None = None) -> list[int]:
+    """Candidate gap lengths in tokens: around `hint` (an edit's original span: x0.5 ... x2 and +-1), or every length
+    from 1 to 8 and then steps of x sqrt(2) up to `max_fill` (default: one canvas): 12 candidates for a canvas of
+    32, 18 for 256. Gaps of a canvas or more put the suffix in a later canvas, which the first cannot see."""
     if hint:
         near = [round(hint * f) for f in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)] + [hint - 1, hint + 1]
-        return sorted({n for n in near if 1 <= n <= (max_fill or 4 * canvas_length)})
+        return sorted({min(max(n, 1), max_fill or 2 * hint) for n in near})
     top = max(1, max_fill or canvas_length)
-    return sorted({max(1, round(top ** (i / (count - 1)))) for i in range(count)} if count > 1 else {top})
+    out, n = set(range(1, min(8, top) + 1)), 8.0
+    while n < top:
+        n *= math.sqrt(2)
+        out.add(min(round(n), top))
+    return sorted(out)
 
 
 def infill_layout(
-    length: int, suffix_ids: list[int], canvas_length: int, eos_id: int | None, banned: torch.Tensor | None
+    length: int,
+    suffix_ids: list[int],
+    canvas_length: int,
+    eos_id: int | None,
+    banned: torch.Tensor | None,
+    pad_id: int | None = None,
 ) -> tuple[Layout, int]:
-    """(layout, budget) for a gap of `length` free positions then the suffix: the suffix is pinned from there to
-    the end of the canvas that holds its first `canvas_length` tokens (so a long suffix fills that canvas's tail and
-    the rest is left out); a suffix that fits whole is followed by `eos_id` (the text ends there) when given.
-    `banned` [V] bool: tokens a gap position may not take (EOS and control tokens)."""
+    """(layout, budget) for a gap of `length` free positions then the suffix. The suffix is pinned from there to the
+    end of the canvas that holds its first `canvas_length` tokens (a long suffix fills that canvas's tail, the rest
+    is left out). A suffix that fits whole, with room after it, is followed by `eos_id` (the text ends there) and the
+    rest of that canvas by `pad_id` (or EOS): training canvases end that way, and no step is spent denoising
+    positions nobody reads. `banned` [V] bool: tokens a gap position may not take (EOS and control tokens)."""
     c = canvas_length
-    canvases = math.ceil((length + min(len(suffix_ids), c) + (eos_id is not None)) / c)
-    tail = list(suffix_ids[: canvases * c - length])
-    if eos_id is not None and len(tail) == len(suffix_ids) and length + len(tail) < canvases * c:
-        tail.append(eos_id)
+    end = math.ceil((length + max(min(len(suffix_ids), c), eos_id is not None)) / c) * c
+    tail = list(suffix_ids[: end - length])
     fixed = {length + i: t for i, t in enumerate(tail)}
+    budget = length + len(tail)
+    if eos_id is not None and len(tail) == len(suffix_ids) and budget < end:
+        fixed[budget] = eos_id
+        fixed.update(dict.fromkeys(range(budget + 1, end), eos_id if pad_id is None else pad_id))
+        budget += 1
     masks = mask_at = None
     if banned is not None and length:
         masks, mask_at = (~banned)[None], dict.fromkeys(range(length), 0)
-    probe = (length, min(SEAM_TOKENS, len(tail))) if tail else None
-    return Layout(fixed, masks, mask_at or {}, probe=probe), length + len(tail)
+    probe = (length, min(SEAM_TOKENS, budget - length)) if budget > length else None
+    return Layout(fixed, masks, mask_at or {}, probe=probe), budget
 
 
 def move_space(prefix: str) -> tuple[str, bool]:
     """Word-piece vocabularies carry the space before a word in the word's token (" light"), so a prefix that ends
-    in a single space is cut before it and the fill may start with it: (prefix, whether a space was moved). Runs of
-    spaces (indentation) stay where they are."""
+    in a single space is cut before it and the fill may start with it: (prefix, whether the fill's leading space is
+    dropped). Runs of spaces (indentation) stay where they are; at the very start of a text a fill starts with no
+    space either."""
     if prefix.endswith(" ") and not prefix.endswith("  "):
         return prefix[:-1], True
-    return prefix, False
+    return prefix, prefix == ""
 
 
 def drop_moved_space(fill: str, moved: bool) -> str:
@@ -518,13 +536,25 @@ def drop_moved_space(fill: str, moved: bool) -> str:
     return fill[1:] if moved and fill.startswith(" ") else fill
 
 
+def parse_range(text: str, what: str) -> tuple[int, int]:
+    """'A-B' or 'A' (ASCII digits) -> (A, B)."""
+    first, sep, last = text.strip().partition("-")
+    if not all(x.isascii() and x.isdigit() for x in (first, last if sep else first)):
+        raise ConfigError(f"{what} must look like 10-12 (non-negative integers), got {text!r}")
+    return int(first), int(last if sep else first)
+
+
 def line_span(text: str, first: int, last: int) -> tuple[int, int]:
-    """Character span [start, end) of lines first..last (1-based, inclusive); the last line's newline stays out."""
-    lines = text.splitlines(keepends=True)
+    """Character span [start, end) of lines first..last (1-based, inclusive, split at \\n as editors do; a \\r\\n
+    ending counts as one); the last line's ending stays out of the span."""
+    lines = text.split("\n")
+    if lines[-1] == "" and len(lines) > 1:
+        lines.pop()  # a final newline ends the last line; it does not start another
     if not 1 <= first <= last <= len(lines):
         raise ConfigError(f"lines must be within 1-{len(lines)} and ascending, got {first}-{last}")
-    start, end = sum(len(x) for x in lines[: first - 1]), sum(len(x) for x in lines[:last])
-    return start, end - (len(lines[last - 1]) - len(lines[last - 1].rstrip("\r\n")))
+    start = sum(len(x) + 1 for x in lines[: first - 1])
+    end = sum(len(x) + 1 for x in lines[: last - 1]) + len(lines[last - 1].removesuffix("\r"))
+    return start, end
 
 
 def choose_infill(candidates: list[InfillCandidate]) -> int:
@@ -654,6 +684,8 @@ class Pipeline:
     ) -> Iterator[StepEvent | SettleEvent | CanvasEvent | GenerationResult]:
         """Yield a StepEvent per denoising step, SettleEvents (with `settle`), a CanvasEvent per committed canvas
         (text deltas on both), then the GenerationResult. `request` or the arguments of `Pipeline.request`."""
+        if request is not None and (prompt is not None or kwargs):
+            raise ConfigError("give either a request or the arguments to build one, not both")
         request = request or self.request(prompt, draft=True, **kwargs)
         gen = Generation(self.model, request)
         text = TextStream(self.tokenizer, request.stop, request.max_tokens, request.settings.eos_token_ids)
@@ -709,7 +741,7 @@ class Pipeline:
         banned = self.banned_in_fill()
         out = []
         for n in lengths:
-            layout, budget = infill_layout(n, suffix_ids, self.canvas_length, eos, banned)
+            layout, budget = infill_layout(n, suffix_ids, self.canvas_length, eos, banned, settings.pad_token_id)
             out.append(Request(tuple(prompt_ids), settings.override(max_new_tokens=budget), seed, layout=layout))
         return out
 
@@ -732,7 +764,7 @@ class Pipeline:
         prompt = self.prompt_ids(prefix, prefix_ids)
         if suffix_ids is None:
             suffix_ids = self._need_tokenizer().encode(suffix or "", parse_special=False)
-        lengths = sorted(set(lengths or infill_lengths(self.canvas_length, max_fill)))
+        lengths = sorted(set(infill_lengths(self.canvas_length, max_fill) if lengths is None else lengths))
         if not lengths or min(lengths) < 1:
             raise ConfigError(f"infill lengths must be >= 1, got {lengths}")
         requests = self.infill_requests(prompt, list(suffix_ids), lengths, seed, eos_after_suffix, **knobs)
@@ -742,12 +774,12 @@ class Pipeline:
             pass
         cands = [InfillCandidate(n, g.token_ids, g.seam_nll, g.free_entropy) for n, g in zip(lengths, gens)]
         best = choose_infill(cands)
-        texts = [drop_moved_space(self.decode(c.token_ids[: c.length]), moved) for c in cands]
+        texts = [drop_moved_space(self.decode(c.fill), moved) for c in cands]
         table = [
             {"length": c.length, "score": c.score, "seam_nll": c.seam_nll, "entropy": c.entropy, "text": t}
             for c, t in zip(cands, texts)
         ]
-        fill = cands[best].token_ids[: cands[best].length]
+        fill = cands[best].fill
         passes = sum(g.forward_passes for g in gens)
         return InfillResult(texts[best], fill, cands[best].length, table, passes, time.perf_counter() - t0, seed)
 
@@ -760,6 +792,7 @@ class Pipeline:
         lines: tuple[int, int] | None = None,
         context: str = "",
         lengths: list[int] | None = None,
+        max_fill: int | None = None,
         seed: int | None = None,
         **knobs,
     ) -> EditResult:
@@ -774,7 +807,8 @@ class Pipeline:
             raise ConfigError(f"the span [{start}, {end}) is not inside the text (0..{len(text)})")
         tok = self._need_tokenizer()
         old = len(tok.encode(text[start:end], parse_special=False))
-        lengths = lengths or infill_lengths(self.canvas_length, hint=old or None)
+        if lengths is None:
+            lengths = infill_lengths(self.canvas_length, max_fill, hint=old or None)
         result = self.infill(context + text[:start], text[end:], lengths=lengths, seed=seed, **knobs)
         return EditResult(text[:start] + result.text + text[end:], result.text, start, end, result)
 

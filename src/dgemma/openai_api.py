@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .asgi import EventStream
 from .config import ConfigError, GenerationSettings
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
-from .generate import StepEvent, line_span, move_space
+from .generate import StepEvent, line_span, move_space, parse_range
 
 KNOBS = tuple(f.name for f in GenerationSettings.knobs(per_request=True))  # each is a GenerationFields field
 
@@ -182,6 +183,8 @@ def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[
             raise bad("only one prompt per request is supported", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
+        if body.suffix is not None:
+            check_text(body.suffix, "suffix")
         if not check_text(prompt, "prompt").strip() and body.suffix is None:
             raise bad("prompt must not be empty", "prompt")
         prompt, moved = move_space(prompt) if body.suffix is not None else (prompt, False)
@@ -220,7 +223,7 @@ def edit_params(fe: Frontend, body: EditRequest) -> tuple[Params, int, int]:
     start, end = span(text, body.start, body.end, body.lines)
     before, moved = move_space(body.context + text[:start])
     hint = len(fe.tokenizer.encode(text[start:end], parse_special=False)) or None
-    max_tokens = body.max_tokens or max(fe.canvas, 2 * (hint or 0))
+    max_tokens = body.max_tokens or min(max(fe.canvas, 2 * (hint or 0)), fe.max_tokens_cap or math.inf)
     p = params(
         fe,
         body,
@@ -242,11 +245,8 @@ def span(text: str, start: int | None, end: int | None, lines: str | None) -> tu
     if lines is not None:
         if start is not None or end is not None:
             raise bad("give either lines or start/end", "lines")
-        first, _, last = lines.partition("-")
-        if not first.strip().isdigit() or not (last or first).strip().isdigit():
-            raise bad(f"lines must look like 10-12, got {lines!r}", "lines")
         try:
-            return line_span(text, int(first), int(last or first))
+            return line_span(text, *parse_range(lines, "lines"))
         except ConfigError as e:
             raise bad(str(e), "lines") from None
     if start is None or end is None:

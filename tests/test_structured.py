@@ -4,11 +4,17 @@ Generation is simulated canvas by canvas (random log-probs, the template's masks
 on the bundled byte-level BPE tokenizer and on a Gemma-style SentencePiece tokenizer built here (metaspace, byte
 fallback); the decoded text must `json.loads` and pass `jsonschema.validate`. Also: refusals name their keyword,
 the Viterbi pass matches brute force, the vectorized token lift matches a per-token walk, and a 262,144-token
-vocabulary compiles quickly once its tables are cached.
+vocabulary compiles quickly once its tables are cached. Value constraints (integer/number bounds, multipleOf,
+string lengths, formats) get the same treatment with `format_checker`, plus exhaustive checks of each byte grammar
+against Python's own parsers and of the counted-string DP against its explicit (state, count) twin.
 """
 
 from __future__ import annotations
 
+import calendar
+import datetime
+import fractions
+import ipaddress
 import itertools
 import json
 import math
@@ -16,6 +22,7 @@ import pathlib
 import random
 import re
 import time
+import uuid
 
 import jsonschema
 import numpy as np
@@ -233,13 +240,7 @@ def test_true_schema_and_missing_tokenizer(bundled):
 
 
 REFUSALS = [
-    ({"type": "integer", "minimum": 0}, "minimum", "$"),
-    (_obj({"n": {"type": "number", "exclusiveMaximum": 3}}), "exclusiveMaximum", "$.properties.n"),
-    (_obj({"n": {"type": "integer", "multipleOf": 2}}), "multipleOf", "$.properties.n"),
-    (_obj({"s": {"type": "string", "maxLength": 3}}), "maxLength", "$.properties.s"),
-    (_obj({"s": {"type": "string", "minLength": 3}}), "minLength", "$.properties.s"),
     (_obj({"code": {"type": "string", "pattern": "^[A-Z]+$"}}), "pattern", "$.properties.code"),
-    (_obj({"when": {"type": "string", "format": "date-time"}}), "format", "$.properties.when"),
     ({"type": "object", "patternProperties": {"^x": {}}}, "patternProperties", "$"),
     ({"type": "array", "items": {}, "uniqueItems": True, "minItems": 2}, "uniqueItems", "$"),
     ({"type": "array", "prefixItems": [{}]}, "prefixItems", "$"),
@@ -264,6 +265,30 @@ REFUSALS = [
     (_obj({"a": False}), "false", "$.properties.a"),
     ({"type": "string", "enum": [1, 2]}, "enum", "$"),
     ({"type": "array", "minItems": 5000, "items": {"type": "integer"}}, "exceed", "$.items"),
+    (_obj({"n": {"type": "number", "multipleOf": 0.01}}), "multipleOf", "$.properties.n"),
+    (
+        _obj({"n": {"type": "integer", "multipleOf": 9973, "minimum": 0, "maximum": 10**12}}),
+        "multipleOf",
+        "$.properties.n",
+    ),
+    ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer", "$"),
+    ({"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 4}, "no integer", "$"),
+    ({"type": "integer", "multipleOf": 10, "minimum": 1, "maximum": 9}, "multipleOf", "$"),
+    ({"type": "integer", "minimum": 10**40}, "integer bounds", "$"),
+    ({"type": "number", "minimum": 1e-8, "maximum": 2e-8}, "fraction digits", "$"),
+    ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e-7}, "fraction digits", "$"),
+    ({"type": "number", "minimum": 1e16}, "number bounds", "$"),
+    ({"type": "number", "minimum": 0, "exclusiveMinimum": True}, "exclusiveMinimum", "$"),
+    ({"type": "string", "minLength": 65}, "minLength", "$"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength", "$"),
+    (_obj({"code": {"type": "string", "pattern": "^[A-Z]+$"}}), "pattern", "$.properties.code"),
+    ({"type": "string", "format": "hostname"}, "'hostname'", "$"),
+    ({"type": "integer", "format": "int64"}, "format", "$"),
+    ({"type": "string", "format": "date", "maxLength": 5}, "'date'", "$"),
+    ({"type": "string", "format": "email", "maxLength": 20}, "'email'", "$"),
+    ({"type": "integer", "enum": [1, 2], "minimum": 2}, "minimum", "$"),
+    ({"anyOf": [{"type": "string", "maxLength": 3}, {"type": "string", "format": "date"}]}, "length-limited", "$"),
+    ({"anyOf": [{"type": "string", "maxLength": 3}, {"const": "long"}, {"type": "null"}]}, "length-limited", "$"),
 ]
 
 
@@ -372,6 +397,273 @@ def test_token_bytes_match_decode(tok):
             assert tok.decode([t]).encode() == data
 
 
+# --- value constraints: bounds, multipleOf, lengths, formats ---------------------------------------------------
+
+_DRAFT4 = "http://json-schema.org/draft-04/schema#"
+CONSTRAINED = {
+    "int_point": {"type": "integer", "minimum": 5, "maximum": 5},
+    "int_zero": {"type": "integer", "minimum": 0, "maximum": 0},
+    "int_negative_point": {"type": "integer", "minimum": -7, "maximum": -7},
+    "int_negative": {"type": "integer", "minimum": -1000, "maximum": -3},
+    "int_across_zero": {"type": "integer", "minimum": -12, "maximum": 345},
+    "int_positive": {"type": "integer", "exclusiveMinimum": 0},
+    "int_below_zero": {"type": "integer", "exclusiveMaximum": 0},
+    "int_at_most_one": {"type": "integer", "maximum": 1},
+    "int_float_bounds": {"type": "integer", "minimum": 1.5, "exclusiveMaximum": 10.0},
+    "int_huge": {"type": "integer", "minimum": -(10**20), "maximum": 10**25},
+    "int_huge_point": {"type": "integer", "minimum": 10**18 + 7, "maximum": 10**18 + 7},
+    "int_draft4": {"$schema": _DRAFT4, "type": "integer", "minimum": 0, "exclusiveMinimum": True, "maximum": 9},
+    "int_multiple": {"type": "integer", "multipleOf": 7, "minimum": -100, "maximum": 1000},
+    "int_multiple_open": {"type": "integer", "multipleOf": 100},
+    "int_multiple_float": {"type": "integer", "multipleOf": 5.0, "minimum": 1},
+    "number_multiple_one": {"type": "number", "multipleOf": 1, "exclusiveMinimum": -0.5, "maximum": 3.7},
+    "number_multiple": {"type": "number", "multipleOf": 3, "minimum": 0},
+    "number_nonnegative": {"type": "number", "minimum": 0},
+    "number_positive": {"type": "number", "exclusiveMinimum": 0},
+    "number_unit": {"type": "number", "minimum": 0, "maximum": 1},
+    "number_open_unit": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "number_near_one": {"type": "number", "minimum": 0.99, "exclusiveMaximum": 1},
+    "number_negative": {"type": "number", "minimum": -2.5, "maximum": -0.5},
+    "number_point": {"type": "number", "minimum": 0.25, "maximum": 0.25},
+    "number_tenth": {"type": "number", "exclusiveMinimum": 0.1, "maximum": 0.3},
+    "number_draft4": {"$schema": _DRAFT4, "type": "number", "maximum": 1, "exclusiveMaximum": True},
+    "str_empty": {"type": "string", "maxLength": 0},
+    "str_one": {"type": "string", "maxLength": 1},
+    "str_exact": {"type": "string", "minLength": 3, "maxLength": 3},
+    "str_nonempty": {"type": "string", "minLength": 1},
+    "str_min_64": {"type": "string", "minLength": 64},
+    "str_max_256": {"type": "string", "maxLength": 256},
+    "str_max_clamped": {"type": "string", "minLength": 2, "maxLength": 5000},
+    "str_or_null": {"type": ["string", "null"], "maxLength": 2},
+    "date": {"type": "string", "format": "date"},
+    "date_lengths": {"type": "string", "format": "date", "minLength": 10, "maxLength": 10},
+    "date_time": {"type": "string", "format": "date-time"},
+    "email": {"type": "string", "format": "email", "minLength": 3},
+    "uuid": {"type": "string", "format": "uuid"},
+    "ipv4": {"type": "string", "format": "ipv4"},
+    "mixed_any_of": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "integer", "minimum": 0, "maximum": 9}]},
+    "untyped_bounds": {"minimum": 2, "maxLength": 1},
+    "pydantic_like": _obj(
+        {
+            "id": {"type": "string", "format": "uuid"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 40},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+            "born": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
+            "email": {"type": "string", "format": "email"},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
+        },
+        required=["id", "name", "age", "score", "born", "email", "tags"],
+    ),
+}
+# rfc3339-validator (what jsonschema's FormatChecker uses for date-time when installed), verbatim, for when it isn't.
+RFC3339 = re.compile(
+    r"^(\d{4})-(0[1-9]|1[0-2])-(\d{2})T(?:[01]\d|2[0123]):(?:[0-5]\d):(?:[0-5]\d)(?:\.\d+)?"
+    r"(?:Z|[+-](?:[01]\d|2[0123]):[0-5]\d)$",
+    re.ASCII,
+)
+
+
+def _rfc3339(text: str) -> bool:
+    try:
+        from rfc3339_validator import validate_rfc3339
+    except ImportError:
+        m = RFC3339.match(text)
+        return bool(m) and int(m[1]) > 0 and 1 <= int(m[3]) <= calendar.monthrange(int(m[1]), int(m[2]))[1]
+    return validate_rfc3339(text)
+
+
+def _check_value(value, schema) -> None:
+    """jsonschema with its format checker, plus RFC 3339 for a top-level date-time (checked only when installed)."""
+    jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+    if schema.get("format") == "date-time":
+        assert _rfc3339(value), value
+
+
+@pytest.mark.parametrize("C", [8, 64])
+@pytest.mark.parametrize("name", sorted(CONSTRAINED))
+def test_constrained_outputs_always_validate(tok, name, C):
+    schema = CONSTRAINED[name]
+    try:
+        tpl = compile_response_format(_rf(schema), tok, C, tok.eos_id)
+    except UnsupportedSchema as e:  # only a value that cannot fit one small canvas may be refused
+        assert C == 8 and "needs more than 8 tokens" in str(e), e
+        return
+    check_invariants(tpl, C, tok.eos_id)
+    for seed in range(12):
+        text = simulate(tpl, tok, C, seed, hostile=seed % 2 == 1)
+        assert "\ufffd" not in text, text
+        _check_value(json.loads(text), schema)
+
+
+def test_slot_sizes_fit_the_longest_value(bundled):
+    sizes = {}
+    for name in ("int_point", "int_across_zero", "int_huge", "int_positive", "str_empty", "str_min_64", "date"):
+        tpl = compile_response_format(_rf(CONSTRAINED[name]), bundled, 256, 1)
+        sizes[name] = [len(s.plan) for s in tpl._slots]
+    assert sizes == {
+        "int_point": [1],
+        "int_across_zero": [3],
+        "int_huge": [26],
+        "int_positive": [structured.INTEGER_TOKENS],
+        "str_empty": [2],
+        "str_min_64": [66],
+        "date": [12],
+    }
+
+
+def test_hostile_logprobs_pick_the_boundaries(bundled):
+    """Mass on a value just outside the range, or on a too-long string, still commits a valid one."""
+    cases = [
+        ({"type": "integer", "minimum": 0, "maximum": 99}, "100"),
+        ({"type": "number", "exclusiveMaximum": 1}, "1.0"),
+        ({"type": "number", "exclusiveMinimum": 0, "maximum": 5}, "0"),
+        ({"type": "string", "maxLength": 2}, '"abc"'),
+        ({"type": "string", "minLength": 4}, '"ab"'),
+    ]
+    for schema, wrong in cases:
+        tpl = compile_response_format(_rf(schema), bundled, 16, 1)
+        ids = bundled.encode(wrong, parse_special=False)
+        lp = torch.full((16, bundled.vocab_size), -30.0)
+        for i, t in enumerate(ids):
+            lp[i, t] = 0.0
+        picks = tpl.finalize(0, torch.log_softmax(lp, -1))
+        text = bundled.decode([picks.get(p, tpl.fixed.get(p)) for p in range(tpl.length - 1)])
+        jsonschema.validate(json.loads(text), schema)
+
+
+def _accepts(dfa, text: str) -> bool:
+    state = dfa.start
+    for b in text.encode():
+        state = int(dfa.table[state, b])
+        if state < 0:
+            return False
+    return bool(dfa.accept[state])
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(0, 0), (5, 5), (-5, -5), (-12, 345), (0, None), (None, 0), (None, -7), (7, 1000), (-999, -10)]
+)
+def test_integer_range_dfa_is_exact(lo, hi):
+    dfa = structured._compile_rx(structured._int_rx(lo, hi))
+    for v in range(-1300, 1300):
+        assert _accepts(dfa, str(v)) == ((lo is None or v >= lo) and (hi is None or v <= hi)), v
+    assert not any(_accepts(dfa, t) for t in ["-0", "01", "", "-", "1.0", "+1"])
+    big = structured._compile_rx(structured._int_rx(-(10**20), 10**25))
+    for v in [10**25, 10**25 + 1, -(10**20), -(10**20) - 1, 10**24 + 12345, 99999]:
+        assert _accepts(big, str(v)) == (-(10**20) <= v <= 10**25)
+
+
+def _decimal_texts(rng: random.Random) -> list[str]:
+    texts = ["0", "-0", "1", "1.0", "1.5", "0.999999", "0.9999999", "2.", ".5", "1e3", "00.1", "-0.0", "0.000001"]
+    for _ in range(2000):
+        whole = str(rng.choice([0, 1, 2, 9, 10, 99, 100, rng.randint(0, 10**6)]))
+        frac = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 8)))
+        texts.append(rng.choice(["", "-"]) + whole + ("." + frac if frac else ""))
+    return texts
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(0, None), (1, None), (None, 0), (0, 10**6), (-(10**6), 10**6 - 1), (5, 7), (250000, 250000)]
+)
+def test_fixed_point_dfa_is_exact(lo, hi):
+    digits = structured.NUMBER_FRACTION_DIGITS
+    dfa = structured._compile_rx(structured._fixed_rx(lo, hi, digits))
+    syntax = re.compile(rf"-?(0|[1-9][0-9]*)(\.[0-9]{{1,{digits}}})?")
+    for text in _decimal_texts(random.Random(0)):
+        ok = syntax.fullmatch(text) is not None and not re.fullmatch(r"-0(\.0*)?", text)
+        if ok:
+            v = fractions.Fraction(text) * 10**digits
+            ok = (lo is None or v >= lo) and (hi is None or v <= hi)
+        assert _accepts(dfa, text) == ok, text
+
+
+def test_format_dfas_match_python():
+    date = structured._compile_rx(structured._format_rx("date"))
+    for year in [*range(1, 30), *range(1890, 2110, 3), 100, 400, 1600, 1700, 1900, 2000, 2400, 9999]:
+        for month, day in itertools.product(range(14), range(33)):
+            text = f"{year:04d}-{month:02d}-{day:02d}"
+            try:
+                want = bool(datetime.date(year, month, day))
+            except ValueError:
+                want = False
+            assert _accepts(date, text) == want, text
+    assert not _accepts(date, "0000-01-01")
+    ipv4, rng = structured._compile_rx(structured._format_rx("ipv4")), random.Random(0)
+    for _ in range(5000):
+        parts = [
+            rng.choice([str(rng.randint(0, 300)), f"0{rng.randint(0, 9)}", "00"])
+            for _ in range(rng.choice([3, 4, 4, 5]))
+        ]
+        text = ".".join(parts)
+        try:
+            want = bool(ipaddress.IPv4Address(text))
+        except ValueError:
+            want = False
+        assert _accepts(ipv4, text) == want, text
+    ids = structured._compile_rx(structured._format_rx("uuid"))
+    assert _accepts(ids, str(uuid.uuid4())) and _accepts(ids, str(uuid.uuid4()).upper())
+    assert not _accepts(ids, uuid.uuid4().hex) and not _accepts(ids, "{" + str(uuid.uuid4()) + "}")
+    email = structured._compile_rx(structured._format_rx("email"))
+    assert _accepts(email, "a.b+c@x-y.org") and not any(_accepts(email, t) for t in ["a@", "@b", "a..b@c", "a b@c"])
+    stamp = structured._compile_rx(structured._format_rx("date-time"))
+    good = ["2024-02-29T23:59:59.123456+05:30", "2023-01-01T00:00:00Z", "0001-12-31T12:00:00-23:59"]
+    bad = ["2023-02-29T00:00:00Z", "2023-01-01T24:00:00Z", "2023-01-01T00:00:60Z", "2023-01-01t00:00:00z"]
+    assert all(_accepts(stamp, t) and _rfc3339(t) for t in good) and not any(_accepts(stamp, t) for t in bad)
+
+
+@pytest.mark.parametrize("bounds", [(0, 0), (0, 1), (2, 2), (1, 4), (3, None), (0, 7)])
+def test_counted_dp_matches_explicit_product(bounds):
+    """The (state, count) graph's masks and Viterbi scores equal those of the explicitly expanded DFA."""
+    tok = Tokenizer.from_dir(BUNDLED)
+    lo, hi = bounds
+    spec = structured._Scalar(frozenset({("strlen", lo, hi)}))
+    fast = structured._lift(structured._compile_rx(spec.rx()), structured._vocab(tok), (lo, hi))
+    slow = structured._expand_counter(fast)
+    g = torch.Generator().manual_seed(lo * 10 + (hi or 9))
+    for k in (1, 2, 3, 5, 8):
+        plan = structured._slot_plan(fast, k)
+        want = structured._slot_plan(slow, k)
+        assert (plan is None) == (want is None) and (plan is None or (plan == want).all()), k
+        if plan is None:
+            continue
+        for _ in range(3):
+            best = np.where(plan, torch.randn(k, plan.shape[1], generator=g).double().numpy(), -math.inf)
+            got = structured._counted_viterbi(fast, plan, best)
+            ref = structured._viterbi(slow, want, best)
+            assert sum(best[i, c] for i, c in enumerate(got)) == pytest.approx(
+                sum(best[i, c] for i, c in enumerate(ref))
+            )
+
+
+def test_counted_finalize_matches_brute_force(bundled):
+    k, schema = 4, {"type": "string", "minLength": 1, "maxLength": 2}
+    cands = sorted(
+        {i for text in ['"', "a", "ab", "\\", "n", " ", "\u00e9"] for i in bundled.encode(text, parse_special=False)}
+    )
+    tpl = compile_response_format(_rf(schema), bundled, k, 1)
+    vocab = structured._vocab(bundled)
+
+    def valid(data: bytes) -> bool:
+        try:
+            value = json.loads(data.decode("utf-8"))
+        except ValueError:
+            return False
+        return isinstance(value, str) and 1 <= len(value) <= 2 and STRING_RE.fullmatch(data) is not None
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        lp = torch.full((k, bundled.vocab_size), -math.inf)
+        lp[:, cands] = torch.randn(k, len(cands), generator=g)
+        best = max(
+            sum(lp[i, t].item() for i, t in enumerate(seq))
+            for seq in itertools.product(cands, repeat=k)
+            if valid(b"".join(vocab.bytes[t] for t in seq))
+        )
+        picks = tpl.finalize(0, lp)
+        assert sum(lp[i, picks[i]].item() for i in range(k)) == pytest.approx(best, abs=1e-5)
+
+
 # --- scale ---------------------------------------------------------------------------------------------------------
 
 
@@ -406,7 +698,16 @@ def test_compile_speed_on_a_full_size_vocabulary():
     text = simulate(tpl, tok, 256, seed=0, hostile=True)
     fill = time.perf_counter() - t0
     jsonschema.validate(json.loads(text), SCHEMAS["person"])
+    constrained = {"type": "array", "items": CONSTRAINED["pydantic_like"], "minItems": 2, "maxItems": 2}
+    t0 = time.perf_counter()
+    tpl = compile_response_format(_rf(constrained), tok, 256, tok.eos_id)  # bounds, lengths, formats: new DFAs
+    fresh = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compile_response_format(_rf(constrained), tok, 256, tok.eos_id)
+    cached = time.perf_counter() - t0
+    assert cached < 0.5, cached
+    _check_value(json.loads(simulate(tpl, tok, 256, seed=1, hostile=True)), constrained)
     print(
         f"\nV=262144: first compile {first:.2f}s (builds the tables); cached: {', '.join(timings)}; "
-        f"simulated fill {fill:.2f}s"
+        f"simulated fill {fill:.2f}s; constrained schema {fresh:.2f}s fresh, {cached:.3f}s cached"
     )

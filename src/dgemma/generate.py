@@ -712,9 +712,13 @@ class Pipeline:
             request.seed,
         )
 
-    def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
-        """Drain `stream_generate` and return its result."""
-        for event in self.stream_generate(prompt, **kwargs):
+    def generate(self, prompt: str | None = None, *, request: Request | None = None, **kwargs) -> GenerationResult:
+        """Drain `stream_generate` and return its result (without per-step draft events unless `draft=True`)."""
+        if request is None:
+            request = self.request(prompt, **kwargs)
+        elif prompt is not None or kwargs:
+            raise ConfigError("give either a request or the arguments to build one, not both")
+        for event in self.stream_generate(request=request):
             pass
         return event
 

@@ -663,6 +663,9 @@ def test_completion_suffix_is_infill(client, http, pipeline):
     cs = chunks(stream(http, "/v1/completions", {k: v for k, v in kw.items() if k != "model"}))
     assert "".join(c["choices"][0]["text"] for c in cs) == want.text
     assert cs[-1]["choices"][0]["finish_reason"] == "stop"
+    two = client.completions.create(**kw, extra_body={"fill_lengths": [2, 5]})
+    assert [c["length"] for c in two.choices[0].model_extra["dgemma"]["infill"]["candidates"]] == [2, 5]
+    assert two.choices[0].text == pipeline.infill("The old city", " of the hills.", lengths=[2, 5], seed=3).text
 
 
 def test_suffix_after_a_trailing_space_is_not_doubled(client, pipeline):
@@ -814,3 +817,12 @@ def test_caps_apply_to_what_the_client_asked(pipeline):
         assert "caps max_tokens" in error(c.post("/v1/chat/completions", json=body), 400, "response_format")["message"]
         many = c.post("/v1/completions", json={"model": MODEL, "prompt": "The", "suffix": " end.", "max_tokens": 8})
         assert "queue holds 6" in error(many, 400, "n")["message"]
+
+
+def test_malformed_schemas_are_400_not_500(http):
+    for schema in ({"type": "integer", "minimum": None}, {"type": "object", "additionalProperties": 5}):
+        rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        body = {"model": MODEL, "prompt": "hi", "response_format": rf}
+        assert (
+            "not valid JSON Schema" in error(http.post("/v1/completions", json=body), 400, "response_format")["message"]
+        )

@@ -316,6 +316,11 @@ def test_refusals_name_keyword_and_place(bundled, schema, keyword, path):
         _rf({"type": "array", "minItems": -1}),
         _rf(_obj({"a": {"$ref": "#/$defs/Missing"}})),
         _rf({"type": "object", "properties": {"a": 3}}),
+        _rf({"type": "integer", "minimum": None}),  # found by fuzzing: a null bound once reached math.ceil(None)
+        _rf({"type": "number", "maximum": None}),
+        _rf({"type": ["integer", "null"], "exclusiveMinimum": None}),
+        _rf({"type": "object", "additionalProperties": 5}),
+        _rf({"type": "string", "maxLength": None}),
     ],
 )
 def test_malformed_response_format_is_a_value_error(bundled, response_format):
@@ -711,3 +716,10 @@ def test_compile_speed_on_a_full_size_vocabulary():
         f"\nV=262144: first compile {first:.2f}s (builds the tables); cached: {', '.join(timings)}; "
         f"simulated fill {fill:.2f}s; constrained schema {fresh:.2f}s fresh, {cached:.3f}s cached"
     )
+
+
+def test_huge_multiple_of_is_refused_before_building(bundled):
+    with pytest.raises(UnsupportedSchema, match="multipleOf"):
+        compile_response_format(
+            _rf({"type": "integer", "multipleOf": 999983, "minimum": 0, "maximum": 1e29}), bundled, 32, 1
+        )

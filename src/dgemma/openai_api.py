@@ -70,6 +70,7 @@ class GenerationFields(BaseModel):
 class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int]
     suffix: str | None = None
+    fill_lengths: list[int] | None = Field(None, min_length=1, max_length=16)  # dgemma: infill candidates
     response_format: dict[str, Any] | None = None
     echo: bool | None = None
     best_of: int | None = None

@@ -129,7 +129,9 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
     @app.post("/v1/completions")
     async def completions(body: oa.CompletionRequest, request: Request):
         prompt, moved = oa.completion_prompt(srv, body)
-        p = oa.params(srv, body, prompt, body.max_tokens, suffix=body.suffix, fill_space=moved)
+        p = oa.params(
+            srv, body, prompt, body.max_tokens, suffix=body.suffix, fill_lengths=body.fill_lengths, fill_space=moved
+        )
         return await oa.respond(srv, await srv.plan(p), request, "text")
 
     @app.post("/v1/chat/completions")

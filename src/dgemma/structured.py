@@ -1338,9 +1338,9 @@ def _string_spec(schema: dict, path: str) -> _Scalar:
 
 
 def _number_keyword(schema: dict, key: str, path: str) -> fractions.Fraction | None:
-    value = schema.get(key)
-    if value is None:
+    if key not in schema:
         return None
+    value = schema[key]
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise _malformed(f"{key!r} must be a finite number", path)
     return fractions.Fraction(value)
@@ -1356,7 +1356,7 @@ def _bounds(schema: dict, path: str, draft4: bool) -> tuple[list, list]:
                 raise _refuse(f"boolean {exclusive!r} (the draft-4 form) needs a draft-04 '$schema'", path)
             if plain not in schema:
                 raise _malformed(f"boolean {exclusive!r} needs {plain!r}", path)
-        elif flag is not None:
+        elif exclusive in schema:
             side.append((_number_keyword(schema, exclusive, path), True))
         if plain in schema:  # draft 4 makes minimum strict for any truthy exclusiveMinimum
             side.append((_number_keyword(schema, plain, path), bool(flag) if draft4 else False))
@@ -1391,6 +1391,8 @@ def _integer_spec(lows: list, highs: list, m: int, float_multiple: bool, path: s
     hi = None if hi is None else min(hi, limit)
     if lo is not None and hi is not None and lo > hi:
         raise _refuse(f"no integer satisfies the bounds (minimum {lo} > maximum {hi})", path)
+    if m > MAX_PRODUCT_STATES:  # the remainder automaton alone has m states: refuse before building anything
+        raise _refuse(f"'multipleOf' above {MAX_PRODUCT_STATES} is not supported", path)
     if m > 1:
         dfa = _multiple_dfa(lo, hi, m)
         if dfa is None:
@@ -1567,4 +1569,27 @@ def _schema_of(response_format):
         raise _malformed("json_schema must be an object whose 'schema' is a JSON Schema object", "json_schema")
     if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("strict", False), (bool, type(None))):
         raise _malformed("json_schema 'name' must be a string and 'strict' a boolean", "json_schema")
+    _check_against_metaschema(spec["schema"])
     return spec["schema"]
+
+
+def _check_against_metaschema(schema) -> None:
+    """A schema its own validator calls invalid (`"minimum": null`, `"additionalProperties": 5`, ...) is a malformed
+    request, caught here before any keyword is read. The draft is the one `$schema` names; without one, a schema
+    valid in 2020-12, draft 7 or draft 4 passes (so older spellings reach the compiler, which names what it refuses)."""
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import Draft4Validator, Draft7Validator, Draft202012Validator, validator_for
+
+    named = isinstance(schema, dict) and "$schema" in schema
+    drafts = [validator_for(schema)] if named else [Draft202012Validator, Draft7Validator, Draft4Validator]
+    first = None
+    for draft in drafts:
+        try:
+            draft.check_schema(schema)
+            return
+        except SchemaError as e:
+            first = first or e
+        except RecursionError:
+            raise _refuse(f"schemas nested deeper than {MAX_DEPTH} levels are not supported", "$") from None
+    where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in first.path)
+    raise _malformed(f"the schema is not valid JSON Schema: {first.message}", where)

@@ -180,20 +180,13 @@ class Frontend:
             raise bad(str(e)) from None
         seed = p.seed if p.seed is not None else secrets.randbelow(MAX_SEED)
         seeds = [seed + i for i in range(p.n)]
-        layout = await self._structured(p, settings)
+        structured = await self._structured(p, settings, len(ids))
         if p.suffix is not None:
             return await self._infill_plan(p, ids, seeds, stop)
-        if layout is not None:
-            layout, max_tokens = layout
-            if self.max_tokens_cap is not None and max_tokens > self.max_tokens_cap:
-                raise bad(
-                    f"this response_format needs {max_tokens} tokens; the server caps max_tokens at "
-                    f"{self.max_tokens_cap}",
-                    "response_format",
-                )
-            self._check_context(len(ids), max_tokens, "response_format")
+        if structured is not None:
+            layout, max_tokens = structured
         else:
-            max_tokens = self._check_length(len(ids), p.max_tokens, settings.max_new_tokens)
+            layout, max_tokens = None, self._check_length(len(ids), p.max_tokens, settings.max_new_tokens)
         settle = None
         if p.stream and p.settle_steps != 0:
             settle = Settle(p.settle_steps or self.settle.steps, p.settle_entropy or self.settle.entropy)
@@ -202,8 +195,8 @@ class Frontend:
         choices = [[Request(tuple(ids), base, s, stop, layout, settle, draft)] for s in seeds]
         return Plan(choices, None, len(ids), max_tokens, stop, seeds, p.stream, p.include_usage, draft)
 
-    async def _structured(self, p: Params, settings):
-        """The compiled response_format and its token budget, or None for plain text."""
+    async def _structured(self, p: Params, settings, prompt_len: int):
+        """(layout, exact token budget) of the compiled response_format, or None for plain text."""
         from .structured import UnsupportedSchema
 
         if p.response_format is None or p.response_format == {"type": "text"}:
@@ -220,11 +213,19 @@ class Frontend:
             raise APIError(400, str(e), "response_format", "unsupported_schema") from None
         except ValueError as e:  # ConfigError included
             raise bad(str(e), "response_format") from None
-        if out is not None and p.max_tokens is not None and p.max_tokens < out[1]:
+        if out is None:
+            return None
+        if p.max_tokens is not None and p.max_tokens < out[1]:
             raise bad(
                 f"max_tokens={p.max_tokens} is too small for this response_format: it needs {out[1]} tokens",
                 "max_tokens",
             )
+        if self.max_tokens_cap is not None and out[1] > self.max_tokens_cap:
+            raise bad(
+                f"this response_format needs {out[1]} tokens; the server caps max_tokens at {self.max_tokens_cap}",
+                "response_format",
+            )
+        self._check_context(prompt_len, out[1], "response_format")
         return out
 
     async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:

@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from dgemma.bpe import load_corpus_lines
-from dgemma.generate import Generation, Layout, Pipeline, infill_lengths, run_batch
+from dgemma.generate import Generation, Pipeline, run_batch
+from dgemma.infill import infill_lengths
+from dgemma.sampler import Layout
 
 VAL = Path(__file__).resolve().parents[1] / "data/web/val.txt.gz"
 MIN_PREFIX, MIN_SUFFIX = 4, 8

@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from dgemma.generate import Generation, Pipeline, denoise_step, structured_layout
+from dgemma.generate import Generation, Pipeline, denoise_step
 from dgemma.sampler import Pins
+from dgemma.structured import structured_layout
 
 SCHEMA = {
     "type": "object",
@@ -35,9 +36,8 @@ def requests(pipe: Pipeline, kind: str, batch: int, steps: int):
     if kind == "infill":
         suffix = pipe.tokenizer.encode(" and the earth was without form.", parse_special=False)
         return [pipe.infill_requests(p, suffix, [8], i, **_knobs(settings))[0] for i, p in enumerate(prompts)]
-    layout, budget = structured_layout(
-        {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}, pipe.tokenizer, pipe.model, settings
-    )
+    rf = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
+    layout, budget = structured_layout(rf, pipe.tokenizer, pipe.canvas_length, pipe.model.text.vocab_size, settings)
     knobs = {**_knobs(settings), "max_new_tokens": min(budget, pipe.canvas_length)}
     return [pipe.request(prompt_ids=p, seed=i, layout=layout, **knobs) for i, p in enumerate(prompts)]
 

@@ -13,7 +13,8 @@ import pytest
 
 from dgemma.cli import main
 from dgemma.config import ConfigError
-from dgemma.generate import Generation, Pipeline, infill_layout, infill_lengths, line_span, move_space, run_batch
+from dgemma.generate import Generation, Pipeline, run_batch
+from dgemma.infill import infill_layout, infill_lengths, line_span, move_space
 
 PREFIX, SUFFIX = "And God said, Let there be", " and there was light."
 

@@ -11,8 +11,8 @@ import torch
 from tiny import random_model, tiny_config
 
 from dgemma.config import GenerationSettings
-from dgemma.generate import CanvasEvent, Generation, Layout, Request, StepEvent, denoise_step
-from dgemma.sampler import CanvasSampler, Pins, make_generators, score_canvas
+from dgemma.generate import CanvasEvent, Generation, Request, StepEvent, denoise_step
+from dgemma.sampler import CanvasSampler, Layout, Pins, make_generators, score_canvas
 
 C, V = 16, 128
 SETTINGS = GenerationSettings(max_new_tokens=3 * C, steps=8, eos_token_ids=(1,))

@@ -328,7 +328,7 @@ def add_edit_parser(subparsers) -> None:
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
     from .config import ConfigError
-    from .generate import parse_range as parse
+    from .infill import parse_range as parse
 
     try:
         return parse(text, flag)
@@ -338,7 +338,7 @@ def parse_range(text: str, flag: str) -> tuple[int, int]:
 
 def run_edit(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .generate import line_span
+    from .infill import line_span
 
     text = read_text(args.file)
     try:

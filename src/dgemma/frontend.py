@@ -21,17 +21,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .config import ConfigError
 from .engine import EngineClosed, Failed, Finished, Job, QueueFull
-from .generate import (
-    CanvasEvent,
-    InfillCandidate,
-    Request,
-    Settle,
-    SettleEvent,
-    StepEvent,
-    choose_infill,
-    infill_lengths,
-    structured_layout,
-)
+from .generate import CanvasEvent, Request, Settle, SettleEvent, StepEvent
+from .infill import InfillCandidate, choose_infill, infill_lengths
+from .structured import structured_layout
 from .text import TextStream
 
 MAX_STOP, MAX_STOP_CHARS = 4, 256
@@ -207,7 +199,7 @@ class Frontend:
             raise bad("stop strings cannot be combined with response_format (they could cut the JSON)", "stop")
         try:
             out = await run_in_threadpool(
-                structured_layout, p.response_format, self.tokenizer, self.pipeline.model, settings
+                structured_layout, p.response_format, self.tokenizer, self.canvas, self.vocab, settings
             )
         except UnsupportedSchema as e:
             raise APIError(400, str(e), "response_format", "unsupported_schema") from None

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,15 +29,26 @@ import torch
 
 from .cache import stack_caches
 from .config import ConfigError, GenerationSettings
+from .infill import (
+    EditResult,
+    InfillCandidate,
+    InfillResult,
+    choose_infill,
+    drop_moved_space,
+    infill_layout,
+    infill_lengths,
+    line_span,
+    move_space,
+)
 from .loader import TORCH_DTYPES, load_generation_settings, load_model, resolve_model_dir
 from .model import INVARIANT_ROWS, DiffusionGemma
 from .runtime import tune_allocator
-from .sampler import CanvasSampler, CanvasScores, Pins, StepResult, make_generators, score_canvas
+from .sampler import CanvasSampler, CanvasScores, Layout, StepResult, make_generators, score_canvas
+from .structured import structured_layout
 from .text import TextStream
 from .tokenizer import Tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
-SEAM_TOKENS = 8  # suffix tokens right after the gap that score an infill candidate
 PROBE_DRAWS = 4  # noise draws averaged by the seam probe (one batched forward)
 
 
@@ -51,30 +62,6 @@ class Settle:
 
     steps: int = 3
     entropy: float = 0.1
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Layout:
-    """Pins by output position (0 = the first new token; position p lives in canvas p // C at slot p % C).
-    `fixed`: position -> token id. `masks` [M, V] bool with `mask_at`: position -> row (allowed tokens).
-    `finalize(start, logprobs [C, V]) -> {position: token}`: chooses the tokens of a canvas at commit (structured
-    output picks a grammar-valid path); the settled prefix never passes a position it may change (`mask_at`).
-    `probe` (position, count): at the commit of the canvas holding `position`, renoise `count` positions from there
-    and score how well the model restores them (`Generation.seam_nll`, infill scoring)."""
-
-    fixed: Mapping[int, int] = dataclasses.field(default_factory=dict)
-    masks: torch.Tensor | None = None
-    mask_at: Mapping[int, int] = dataclasses.field(default_factory=dict)
-    finalize: Callable[[int, torch.Tensor], dict[int, int]] | None = None
-    probe: tuple[int, int] | None = None
-
-    def pins(self, canvas_index: int, canvas_length: int, device) -> Pins | None:
-        lo, hi = canvas_index * canvas_length, (canvas_index + 1) * canvas_length
-        fixed = {p - lo: t for p, t in self.fixed.items() if lo <= p < hi}
-        mask_at = {p - lo: m for p, m in self.mask_at.items() if lo <= p < hi}
-        if not fixed and not mask_at:
-            return None
-        return Pins(canvas_length, fixed, self.masks, mask_at, device=device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -425,170 +412,7 @@ def run_batch(model: DiffusionGemma, generations: list[Generation]) -> Iterator[
             yield g, events
 
 
-def structured_layout(
-    response_format: dict | None, tokenizer: Tokenizer, model: DiffusionGemma, settings: GenerationSettings
-) -> tuple[Layout, int] | None:
-    """(layout, exact token budget) for an OpenAI `response_format` (None: plain text). The JSON skeleton is pinned,
-    value positions are limited to grammar-viable tokens, and the commit takes each value's best grammar-valid path
-    (`structured.JsonTemplate.finalize`), so the output always parses and validates. Raises
-    `structured.UnsupportedSchema` (naming the keyword) or ConfigError."""
-    from .structured import compile_response_format
-
-    if response_format is None or response_format == {"type": "text"}:
-        return None
-    if not settings.eos_token_ids:
-        raise ConfigError("structured output needs an EOS token id (generation_config.json eos_token_id)")
-    template = compile_response_format(
-        response_format, tokenizer, model.config.canvas_length, settings.eos_token_ids[0]
-    )
-    if template is None:
-        return None
-    masks = template.masks  # [M, tokenizer vocab]: ids the tokenizer does not know are never allowed
-    known = masks.shape[1]
-    masks = torch.cat([masks, masks.new_zeros(masks.shape[0], model.text.vocab_size - known)], dim=1)
-
-    def finalize(start: int, logprobs: torch.Tensor) -> dict[int, int]:
-        return template.finalize(start, logprobs[:, :known])
-
-    return Layout(template.fixed, masks, template.mask_at, finalize), template.length
-
-
 # --- infill and edit ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class InfillCandidate:
-    """One tried gap length and what its generation left (from a Generation, or the server's Finished)."""
-
-    length: int
-    token_ids: list[int]
-    seam_nll: float | None  # Generation.seam_nll (None: nothing after the gap)
-    free_entropy: list[float]
-
-    @property
-    def fill(self) -> list[int]:
-        return self.token_ids[: self.length]
-
-    @property
-    def entropy(self) -> float:
-        """Mean final entropy of the free positions (the gap: the rest is pinned) over the canvases the gap spans."""
-        return sum(self.free_entropy) / max(len(self.free_entropy), 1)
-
-    @property
-    def score(self) -> float:
-        return (self.seam_nll or 0.0) + self.entropy
-
-
-def infill_lengths(canvas_length: int, max_fill: int | None = None, hint: int | None = None) -> list[int]:
-    """Candidate gap lengths in tokens: around `hint` (an edit's original span: x0.5 ... x2 and +-1), or every length
-    from 1 to 8 and then steps of x sqrt(2) up to `max_fill` (default: one canvas): 12 candidates for a canvas of
-    32, 18 for 256. Gaps of a canvas or more put the suffix in a later canvas, which the first cannot see."""
-    if hint:
-        near = [round(hint * f) for f in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)] + [hint - 1, hint + 1]
-        return sorted({min(max(n, 1), max_fill or 2 * hint) for n in near})
-    top = max(1, max_fill or canvas_length)
-    out, n = set(range(1, min(8, top) + 1)), 8.0
-    while n < top:
-        n *= math.sqrt(2)
-        out.add(min(round(n), top))
-    return sorted(out)
-
-
-def infill_layout(
-    length: int,
-    suffix_ids: list[int],
-    canvas_length: int,
-    eos_id: int | None,
-    banned: torch.Tensor | None,
-    pad_id: int | None = None,
-) -> tuple[Layout, int]:
-    """(layout, budget) for a gap of `length` free positions then the suffix. The suffix is pinned from there to the
-    end of the canvas that holds its first `canvas_length` tokens (a long suffix fills that canvas's tail, the rest
-    is left out). A suffix that fits whole, with room after it, is followed by `eos_id` (the text ends there) and the
-    rest of that canvas by `pad_id` (or EOS): training canvases end that way, and no step is spent denoising
-    positions nobody reads. `banned` [V] bool: tokens a gap position may not take (EOS and control tokens)."""
-    c = canvas_length
-    end = math.ceil((length + max(min(len(suffix_ids), c), eos_id is not None)) / c) * c
-    tail = list(suffix_ids[: end - length])
-    fixed = {length + i: t for i, t in enumerate(tail)}
-    budget = length + len(tail)
-    if eos_id is not None and len(tail) == len(suffix_ids) and budget < end:
-        fixed[budget] = eos_id
-        fixed.update(dict.fromkeys(range(budget + 1, end), eos_id if pad_id is None else pad_id))
-        budget += 1
-    masks = mask_at = None
-    if banned is not None and length:
-        masks, mask_at = (~banned)[None], dict.fromkeys(range(length), 0)
-    probe = (length, min(SEAM_TOKENS, budget - length)) if budget > length else None
-    return Layout(fixed, masks, mask_at or {}, probe=probe), budget
-
-
-def move_space(prefix: str) -> tuple[str, bool]:
-    """Word-piece vocabularies carry the space before a word in the word's token (" light"), so a prefix that ends
-    in a single space is cut before it and the fill may start with it: (prefix, whether the fill's leading space is
-    dropped). Runs of spaces (indentation) stay where they are; at the very start of a text a fill starts with no
-    space either."""
-    if prefix.endswith(" ") and not prefix.endswith("  "):
-        return prefix[:-1], True
-    return prefix, prefix == ""
-
-
-def drop_moved_space(fill: str, moved: bool) -> str:
-    """The fill as the user's text sees it: the space `move_space` took from the prefix is not repeated."""
-    return fill[1:] if moved and fill.startswith(" ") else fill
-
-
-def parse_range(text: str, what: str) -> tuple[int, int]:
-    """'A-B' or 'A' (ASCII digits) -> (A, B)."""
-    first, sep, last = text.strip().partition("-")
-    if not all(x.isascii() and x.isdigit() for x in (first, last if sep else first)):
-        raise ConfigError(f"{what} must look like 10-12 (non-negative integers), got {text!r}")
-    return int(first), int(last if sep else first)
-
-
-def line_span(text: str, first: int, last: int) -> tuple[int, int]:
-    """Character span [start, end) of lines first..last (1-based, inclusive, split at \\n as editors do; a \\r\\n
-    ending counts as one); the last line's ending stays out of the span."""
-    lines = text.split("\n")
-    if lines[-1] == "" and len(lines) > 1:
-        lines.pop()  # a final newline ends the last line; it does not start another
-    if not 1 <= first <= last <= len(lines):
-        raise ConfigError(f"lines must be within 1-{len(lines)} and ascending, got {first}-{last}")
-    start = sum(len(x) + 1 for x in lines[: first - 1])
-    end = sum(len(x) + 1 for x in lines[: last - 1]) + len(lines[last - 1].removesuffix("\r"))
-    return start, end
-
-
-def choose_infill(candidates: list[InfillCandidate]) -> int:
-    """Index of the candidate to keep: the lowest score = seam NLL (`Generation._probe`: how well the model restores
-    the first SEAM_TOKENS suffix tokens from the prefix and this fill, i.e. does the fill lead into the suffix?) +
-    mean final entropy of the free positions (did the fill converge?). Both are per-token means, so no length wins
-    by having more positions. Ties: the shorter fill."""
-    return min(range(len(candidates)), key=lambda i: (candidates[i].score, candidates[i].length))
-
-
-@dataclasses.dataclass
-class InfillResult:
-    text: str  # the fill only
-    token_ids: list[int]  # the fill's tokens
-    length: int  # chosen gap length
-    candidates: list[dict]  # every tried length: length, score, seam_nll, entropy, text
-    forward_passes: int
-    total_s: float
-    seed: int | None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / max(self.total_s, 1e-9)
-
-
-@dataclasses.dataclass
-class EditResult:
-    text: str  # the whole edited text
-    replacement: str  # what replaced text[start:end]
-    start: int
-    end: int
-    infill: InfillResult
-
-
 # --- the pipeline ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Pipeline:
@@ -668,7 +492,11 @@ class Pipeline:
         ids = self.prompt_ids(prompt, prompt_ids, chat, messages)
         if (
             structured := structured_layout(
-                response_format, self._need_tokenizer() if response_format else None, self.model, settings
+                response_format,
+                self._need_tokenizer() if response_format else None,
+                self.canvas_length,
+                self.model.text.vocab_size,
+                settings,
             )
         ) is not None:
             if layout is not None or stop:

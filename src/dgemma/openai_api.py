@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .asgi import EventStream
 from .config import ConfigError, GenerationSettings
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
-from .generate import StepEvent, line_span, move_space, parse_range
+from .generate import StepEvent
+from .infill import line_span, move_space, parse_range
 
 KNOBS = tuple(f.name for f in GenerationSettings.knobs(per_request=True))  # each is a GenerationFields field
 

@@ -9,7 +9,7 @@ per request, so results never depend on what else shares a batch.
 Per step the vocabulary-wide work is done once by `score_canvas` (fast path: one softmax, one log of u);
 `token_entropy` + `gumbel_sample` + `argmax` are its slow, literal twin (tests/test_sampler.py compares them).
 
-Pins (`Pins`) are the one mechanism that fixes canvas content: a pinned position always holds its token in the model
+Pins (`Pins`, addressed by output position through `Layout`) are the one mechanism that fixes canvas content: a pinned position always holds its token in the model
 input, in every draft and in the committed canvas, and is never renoised; other positions may be limited to a
 vocabulary subset. Both act on the temperature-scaled logits before scoring (`Pins.constrain`): a pinned row becomes
 one-hot at its token (entropy 0, so its self-conditioning input says "certain"), a limited row gets -inf outside its
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -174,6 +175,30 @@ class Pins:
             idx = self._fixed_idx
             z[idx] = -math.inf
             z[idx, self.tokens[idx]] = 0.0  # one-hot: entropy 0, argmax and sample = the pinned token
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """Pins by output position (0 = the first new token; position p lives in canvas p // C at slot p % C).
+    `fixed`: position -> token id. `masks` [M, V] bool with `mask_at`: position -> row (allowed tokens).
+    `finalize(start, logprobs [C, V]) -> {position: token}`: chooses the tokens of a canvas at commit (structured
+    output picks a grammar-valid path); the settled prefix never passes a position it may change (`mask_at`).
+    `probe` (position, count): at the commit of the canvas holding `position`, renoise `count` positions from there
+    and score how well the model restores them (`generate.Generation.seam_nll`, infill scoring)."""
+
+    fixed: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    masks: torch.Tensor | None = None
+    mask_at: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    finalize: Callable[[int, torch.Tensor], dict[int, int]] | None = None
+    probe: tuple[int, int] | None = None
+
+    def pins(self, canvas_index: int, canvas_length: int, device) -> Pins | None:
+        lo, hi = canvas_index * canvas_length, (canvas_index + 1) * canvas_length
+        fixed = {p - lo: t for p, t in self.fixed.items() if lo <= p < hi}
+        mask_at = {p - lo: m for p, m in self.mask_at.items() if lo <= p < hi}
+        if not fixed and not mask_at:
+            return None
+        return Pins(canvas_length, fixed, self.masks, mask_at, device=device)
 
 
 @dataclasses.dataclass

@@ -41,6 +41,9 @@ import weakref
 import numpy as np
 import torch
 
+from .config import ConfigError, GenerationSettings
+from .sampler import Layout
+
 # Slot sizes in tokens (a slot may be shrunk to fit one canvas). Literals get their own tokenization + 1.
 STRING_TOKENS, INTEGER_TOKENS, NUMBER_TOKENS = 16, 6, 8
 JSON_OBJECT_TOKENS = 256  # the free object of {"type": "json_object"}, capped at one canvas minus the EOS
@@ -1593,3 +1596,27 @@ def _check_against_metaschema(schema) -> None:
             raise _refuse(f"schemas nested deeper than {MAX_DEPTH} levels are not supported", "$") from None
     where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in first.path)
     raise _malformed(f"the schema is not valid JSON Schema: {first.message}", where)
+
+
+def structured_layout(
+    response_format: dict | None, tokenizer, canvas_length: int, vocab_size: int, settings: GenerationSettings
+) -> tuple[Layout, int] | None:
+    """(layout, exact token budget) for an OpenAI `response_format` (None: plain text). The JSON skeleton is pinned,
+    value positions are limited to grammar-viable tokens, and the commit takes each value's best grammar-valid path
+    (`structured.JsonTemplate.finalize`), so the output always parses and validates. Raises
+    `UnsupportedSchema` (naming the keyword) or ConfigError."""
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    if not settings.eos_token_ids:
+        raise ConfigError("structured output needs an EOS token id (generation_config.json eos_token_id)")
+    template = compile_response_format(response_format, tokenizer, canvas_length, settings.eos_token_ids[0])
+    if template is None:
+        return None
+    masks = template.masks  # [M, tokenizer vocab]: ids the tokenizer does not know are never allowed
+    known = masks.shape[1]
+    masks = torch.cat([masks, masks.new_zeros(masks.shape[0], vocab_size - known)], dim=1)
+
+    def finalize(start: int, logprobs: torch.Tensor) -> dict[int, int]:
+        return template.finalize(start, logprobs[:, :known])
+
+    return Layout(template.fixed, masks, template.mask_at, finalize), template.length

@@ -98,7 +98,7 @@ KINDS = {
 
 
 def add_model_arguments(p) -> None:
-    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("-m", "--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--download", action="store_true", help="treat --model as a Hugging Face repo id and download it")
 
 
@@ -108,13 +108,21 @@ def add_knob_arguments(p) -> None:
     from .config import GenerationSettings
 
     knobs = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+    short = {"max_new_tokens": "-n"}
     for f in GenerationSettings.knobs():
-        flag = "--" + f.name.replace("_", "-").replace("-token-ids", "-ids")
-        knobs.add_argument(flag, dest=f.name, type=KINDS[f.metadata["kind"]], metavar="X", help=f.metadata["help"])
-    knobs.add_argument("--seed", type=seed_value, metavar="S", help="seed (default: random, reported with --json)")
+        flags = [short[f.name]] if f.name in short else []
+        flags.append("--" + f.name.replace("_", "-").replace("-token-ids", "-ids"))
+        knobs.add_argument(*flags, dest=f.name, type=KINDS[f.metadata["kind"]], metavar="X", help=f.metadata["help"])
+    knobs.add_argument("-s", "--seed", type=seed_value, metavar="S", help="seed (default: random, reported)")
     run = p.add_argument_group("runtime")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
     run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    run.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch CPU threads (default on CPU: cores - 1, at least 1, as dgemma serve does)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings")
 
 
@@ -133,6 +141,8 @@ def load_pipeline(args: argparse.Namespace):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was requested but CUDA is not available; use --device cpu")
+    if args.threads or args.device != "cuda":  # torch's default (every core) was 10-17x slower under load
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     if args.model is None and not BUNDLED_MODEL.is_dir():
         raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
     try:
@@ -165,18 +175,22 @@ def add_generate_parser(subparsers) -> None:
     )
     add_model_arguments(p)
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text (BOS is added)")
+    prompt.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text (BOS is added); '-' reads stdin")
+    prompt.add_argument("-f", "--file", metavar="F", help="read the prompt from a file ('-': stdin)")
     prompt.add_argument("--prompt-ids", type=id_list, metavar="IDS", help="prompt token ids, used exactly (no BOS)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the checkpoint's chat template")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     add_knob_arguments(p)
     p.add_argument("--show-canvas", action="store_true", help="redraw the denoising canvas live (on stderr)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     p.set_defaults(handler=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.file is not None or args.prompt == "-":
+        args.prompt = read_text(args.file or "-")
     if args.prompt is None and args.prompt_ids is None:
-        raise CliError("give a PROMPT or --prompt-ids")
+        raise CliError("give a PROMPT or --prompt-ids (a PROMPT of '-' reads stdin, -f FILE a file)")
     if args.prompt_ids is not None and args.chat:
         raise CliError("--chat needs a text PROMPT, not --prompt-ids")
     from .generate import CanvasEvent, GenerationResult, SettleEvent, StepEvent
@@ -202,17 +216,30 @@ def run_generate(args: argparse.Namespace) -> int:
         print(" ".join(map(str, event.token_ids)))  # id-level checkpoint: nothing to detokenize
     else:
         print("" if stream_text else event.text)  # streamed text only needs its final newline
-        if sys.stderr.isatty():
-            print(summary(event), file=sys.stderr)
+    if not args.quiet and not args.json:
+        print(summary(event, pipe.model), file=sys.stderr)
     return 0
 
 
-def summary(r) -> str:
-    """One timing line for stderr after a plain run."""
+def summary(r, model) -> str:
+    """One line for stderr after a plain run (as mlx-lm prints): tokens, speed, steps, peak memory, seed."""
     return (
-        f"[{len(r.token_ids)} tokens, {len(r.steps_per_canvas)} canvas(es), {r.forward_passes} forward passes, "
-        f"{r.total_s:.2f} s, {r.tokens_per_s:.1f} tok/s, seed {r.seed}]"
+        f"[{len(r.token_ids)} tokens in {r.total_s:.2f} s, {r.tokens_per_s:.1f} tok/s | steps per canvas "
+        f"{','.join(map(str, r.steps_per_canvas))} | {r.tokens_per_forward:.2f} tokens/forward | peak memory "
+        f"{peak_memory_gb(model):.2f} GB | seed {r.seed}]"
     )
+
+
+def peak_memory_gb(model) -> float:
+    """Peak accelerator memory when the model is on one, else the process's peak resident set."""
+    import torch
+
+    device = model.embed_tokens.weight.device
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def result_json(r) -> dict:
@@ -424,10 +451,20 @@ def printable(text: str) -> str:
 
 
 # --- entry point -----------------------------------------------------------------------------------------------------
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("dgemma")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="dgemma", description="DiffusionGemma text-diffusion inference.")
+    parser.add_argument("--version", action="version", version=f"dgemma {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    sub.required = True
     add_generate_parser(sub)  # one line per subcommand; each sets its handler with set_defaults(handler=...)
     add_infill_parser(sub)
     add_edit_parser(sub)
@@ -443,7 +480,11 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # a bare `dgemma`: show what it can do
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
         return args.handler(args)
     except CliError as e:
         return _fail(str(e), e.code)

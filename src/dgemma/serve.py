@@ -24,7 +24,7 @@ def add_serve_parser(subparsers) -> None:
         help="OpenAI-compatible HTTP server with a live canvas view",
         description="Serve /v1/completions and /v1/chat/completions (batched, streaming) and a live canvas view at /.",
     )
-    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("-m", "--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
     net = p.add_argument_group("network and auth")
     net.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

@@ -5,6 +5,7 @@ Reports distinct-4-gram ratio (word level, per sample), the share of generated w
 corpus, speed (tokens/s, steps per canvas), and prints the samples. Human-readable lines first, one JSON line last.
 
     python scripts/eval_bundled.py [--model DIR] [--corpus data/web/train.txt.gz] [--markdown samples.md]
+                                   [--temperature T] [--top-p P]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[1] / "data/web/train.txt.gz"))
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0, help="scales the t_min..t_max schedule (0: argmax)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus cut of each position's sample")
     ap.add_argument("--markdown", default=None, help="also write the samples as a markdown file")
     args = ap.parse_args()
 
@@ -51,7 +54,8 @@ def main() -> None:
     rows, md = [], []
     t0 = time.perf_counter()
     for i, prompt in enumerate(PROMPTS):
-        r = pipe.generate(prompt, seed=args.seed + i, max_new_tokens=args.max_new_tokens)
+        knobs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+        r = pipe.generate(prompt, seed=args.seed + i, **knobs)
         words = [w.lower() for w in WORD.findall(r.text)]
         known = sum(w in vocab for w in words)
         rows.append(dict(prompt=prompt, text=r.text, distinct_4=distinct_4(words), words=len(words), known=known,
@@ -71,6 +75,8 @@ def main() -> None:
         "tokens_per_forward": round(tokens / sum(steps), 3),
         "prompts": len(rows),
         "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
     }
     if args.markdown:
         Path(args.markdown).write_text("\n".join(md), encoding="utf-8")

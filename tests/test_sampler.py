@@ -192,6 +192,41 @@ def test_settings_from_dict_and_override():
     assert GenerationSettings.from_dict(None) == GenerationSettings()
     assert s.override(steps=5, t_min=None).steps == 5 and s.override(t_min=None).t_min == 0.4
     with pytest.raises(ConfigError, match="unknown"):
-        s.override(temperature=1.0)
+        s.override(top_k=5)
+    raw["temperature"], raw["top_p"] = 0.3, 0.5  # the reference ignores these in generation_config.json, so do we
+    assert GenerationSettings.from_dict(raw).temperature == 1.0 and GenerationSettings.from_dict(raw).top_p == 1.0
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"temperature": math.inf}):
+        with pytest.raises(ConfigError):
+            s.override(**bad)
     with pytest.raises(ConfigError, match="t_min < t_max"):
         s.override(t_min=0.95)
+
+
+def test_nucleus_sample_matches_its_slow_twin():
+    from dgemma.sampler import nucleus_sample, nucleus_sample_slow
+
+    g = torch.Generator().manual_seed(3)
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        z = torch.randn(16, 512, generator=g) * 3
+        u = torch.rand(16, 512, generator=g)
+        slow = nucleus_sample_slow(z, u.clone(), top_p)
+        fast = nucleus_sample(torch.softmax(z, -1), u.clone().clamp_min_(1e-20).log_().neg_(), top_p)
+        assert torch.equal(fast, slow)
+    z = torch.randn(16, 512, generator=g)
+    tiny = nucleus_sample(torch.softmax(z, -1), torch.rand(16, 512, generator=g), 1e-6)
+    assert torch.equal(tiny, z.argmax(-1))  # a nucleus of one token is the argmax
+
+
+def test_temperature_scales_the_schedule_and_zero_samples_the_argmax():
+    s = GenerationSettings(steps=4)
+    noise, sample = make_generators(1)
+    base = CanvasSampler(s, 8, 64, noise, sample)
+    hot = CanvasSampler(s.override(temperature=0.5), 8, 64, *make_generators(1))
+    assert base.temperature() is temperature(4, 4, 0.4, 0.8)  # the reference path is untouched
+    assert torch.allclose(hot.temperature(), base.temperature() * 0.5)
+    cold = CanvasSampler(s.override(temperature=0), 8, 64, *make_generators(1))
+    assert torch.equal(cold.temperature(), base.temperature())  # acceptance and stopping keep the schedule
+    logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 4
+    r = cold.step(logits)
+    accepted = r.accepted
+    assert torch.equal(r.canvas[accepted], r.argmax[accepted])  # accepted positions take the argmax, not a sample

@@ -366,8 +366,8 @@ BAD_BODIES = [
     ("steps", {"steps": 5000}),
     ("entropy_bound", {"entropy_bound": -1.0}),
     (None, {"t_min": 0.9, "t_max": 0.5}),
-    ("temperature", {"temperature": 0.7}),
-    ("top_p", {"top_p": 0.5}),
+    ("temperature", {"temperature": 2.5}),
+    ("top_p", {"top_p": 0}),
     ("logprobs", {"logprobs": 2}),
     ("echo", {"echo": True}),
     ("suffix", {"suffix": 5}),
@@ -826,3 +826,23 @@ def test_malformed_schemas_are_400_not_500(http):
         assert (
             "not valid JSON Schema" in error(http.post("/v1/completions", json=body), 400, "response_format")["message"]
         )
+
+
+def test_clients_that_send_temperature_and_top_p_get_answers(client, pipeline):
+    """Open WebUI, LangChain and LiteLLM send these on every request: they scale the sampler's schedule and cut
+    each position's sample; temperature 0 is deterministic even without a seed."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0.7, top_p=0.9, max_tokens=8, seed=3
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert (
+        r.choices[0].message.content
+        == pipeline.generate(
+            messages=[{"role": "user", "content": "Hi"}], temperature=0.7, top_p=0.9, max_new_tokens=8, seed=3
+        ).text
+    )
+    zero = [
+        client.completions.create(model=MODEL, prompt="The", temperature=0, max_tokens=8).choices[0].text
+        for _ in range(2)
+    ]
+    assert zero[0] == zero[1] == pipeline.generate("The", temperature=0, max_new_tokens=8).text

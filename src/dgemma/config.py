@@ -166,6 +166,9 @@ class GenerationSettings:
     stability_threshold: int = _knob(1, "non_negative_int", "stable steps to stop")
     confidence_threshold: float = _knob(0.005, "positive_float", "mean entropy to stop")
     eos_token_ids: tuple[int, ...] = _knob((), "id_list", "stop token ids, e.g. 1,106", per_request=False)
+    # not read from generation_config.json: the reference ignores temperature/top_p there (spec d.2); per call only
+    temperature: float = _knob(1.0, "non_negative_float", "scales the t_min..t_max schedule; 0: argmax samples")
+    top_p: float = _knob(1.0, "positive_float", "nucleus cut of each position's sample (<= 1)")
     pad_token_id: int | None = None
 
     @classmethod
@@ -177,12 +180,14 @@ class GenerationSettings:
         _check_int(self.max_new_tokens, "max_new_tokens", 1)
         _check_int(self.steps, "steps", 1)
         _check_int(self.stability_threshold, "stability_threshold", 0)
-        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"{name} must be a finite number, got {v!r}")
         if self.entropy_bound <= 0 or self.confidence_threshold <= 0:
             raise ConfigError("entropy_bound and confidence_threshold must be > 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if not 0 <= self.t_min < self.t_max:
             raise ConfigError(f"need 0 <= t_min < t_max, got t_min={self.t_min} t_max={self.t_max}")
         for i in self.eos_token_ids:

@@ -170,7 +170,7 @@ class Frontend:
             ids = await run_in_threadpool(p.prompt)
         except ConfigError as e:
             raise bad(str(e)) from None
-        seed = p.seed if p.seed is not None else secrets.randbelow(MAX_SEED)
+        seed = p.seed if p.seed is not None else 0 if settings.temperature == 0 else secrets.randbelow(MAX_SEED)
         seeds = [seed + i for i in range(p.n)]
         structured = await self._structured(p, settings, len(ids))
         if p.suffix is not None:

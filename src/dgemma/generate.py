@@ -399,7 +399,10 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
     out = []
     for b, g in enumerate(generations):
         g.denoise_s += elapsed
-        out.append(g.observe(z[b], scores.row(b)))
+        row = scores.row(b)
+        if g.sampler.adjusts_sample:  # temperature 0 or top_p: uniforms[b] now holds -log u (score_canvas)
+            row = g.sampler.adjust(row, uniforms[b])
+        out.append(g.observe(z[b], row))
     return out
 
 
@@ -490,6 +493,8 @@ class Pipeline:
         budget becomes the template's length (a smaller max_new_tokens is an error)."""
         settings = self.settings.override(**knobs)
         ids = self.prompt_ids(prompt, prompt_ids, chat, messages)
+        if seed is None and settings.temperature == 0:
+            seed = 0  # temperature 0 promises the same answer every time: the renoise draws must repeat too
         if (
             structured := structured_layout(
                 response_format,

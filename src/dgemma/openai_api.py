@@ -53,8 +53,8 @@ class GenerationFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # scales the sampler's schedule (GenerationSettings)
+    top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
@@ -125,8 +125,6 @@ def _unsupported(body: GenerationFields) -> None:
     """400 naming the first field whose value would change semantics dgemma cannot honour."""
     fields = body.model_fields_set
     checks: list[tuple[str, Callable[[Any], bool], str]] = [
-        ("temperature", lambda v: v in (None, 1), "the diffusion sampler uses its own schedule; set t_min/t_max"),
-        ("top_p", lambda v: v in (None, 1), "nucleus sampling is not supported by the diffusion sampler"),
         ("presence_penalty", lambda v: v in (None, 0), "penalties are not supported"),
         ("frequency_penalty", lambda v: v in (None, 0), "penalties are not supported"),
         ("logit_bias", lambda v: not v, "logit_bias is not supported"),

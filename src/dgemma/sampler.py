@@ -100,6 +100,24 @@ def block_argmax(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     return (first * block + torch.argmax(inside, dim=-1, keepdim=True)).squeeze(-1)
 
 
+def nucleus_sample(probs: torch.Tensor, exp_noise: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The exponential-race sample [C] restricted to each row's nucleus: the fewest most probable tokens whose
+    probabilities sum to >= top_p (the first always kept). `exp_noise` = -log u, as `score_canvas` leaves it, so
+    the draw uses the same uniforms as the unrestricted sample."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # [C, V]
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    nucleus = torch.zeros_like(keep).scatter_(-1, order, keep)
+    return block_argmax(probs.masked_fill(~nucleus, 0.0) / exp_noise)
+
+
+def nucleus_sample_slow(z: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Slow twin of `nucleus_sample`: renormalise the nucleus and Gumbel-sample it with the uniforms u."""
+    probs = torch.softmax(z, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) < top_p)
+    return gumbel_sample(z.masked_fill(~keep, -math.inf), u)
+
+
 def score_canvas_slow(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:
     """Slow twin of `score_canvas`: the protocol's formulas written out literally."""
     probs = torch.softmax(z, dim=-1)
@@ -251,9 +269,23 @@ class CanvasSampler:
         return torch.rand((self.canvas.shape[0], self.vocab), generator=g, device=g.device, out=out)
 
     def temperature(self) -> torch.Tensor:
-        """This step's temperature (0-dim float32): the logits are divided by it before scoring."""
+        """This step's temperature (0-dim float32): the logits are divided by it before scoring. The request's
+        `temperature` scales the schedule (1: the reference; 0 keeps the schedule for acceptance and stopping and
+        takes the argmax as the sample, see `adjust`)."""
         s = self.settings
-        return temperature(s.steps - self.steps, s.steps, s.t_min, s.t_max)
+        t = temperature(s.steps - self.steps, s.steps, s.t_min, s.t_max)
+        return t if s.temperature in (0, 1) else t * s.temperature
+
+    @property
+    def adjusts_sample(self) -> bool:
+        return self.settings.temperature == 0 or self.settings.top_p < 1
+
+    def adjust(self, scores: CanvasScores, exp_noise: torch.Tensor) -> CanvasScores:
+        """This request's sample under temperature 0 (the argmax: nothing random is kept but the renoise) or
+        top_p < 1 (`nucleus_sample`); acceptance, stopping and self-conditioning still see the full distribution."""
+        if self.settings.temperature == 0:
+            return dataclasses.replace(scores, sampled=scores.argmax)
+        return dataclasses.replace(scores, sampled=nucleus_sample(scores.probs, exp_noise, self.settings.top_p))
 
     def pin(self, positions: list[int], tokens: list[int]) -> None:
         """Fix more positions from now on, the next model input included."""
@@ -273,7 +305,8 @@ class CanvasSampler:
         z = logits / self.temperature().to(logits.device)
         u = (self.draw() if u is None else u).to(z.device)  # sampling draw first
         self.constrain(z)
-        return self.advance(z, score_canvas(z, u))
+        scores = score_canvas(z, u)  # leaves -log u in u
+        return self.advance(z, self.adjust(scores, u) if self.adjusts_sample else scores)
 
     def advance(self, z: torch.Tensor, scores: CanvasScores) -> StepResult:
         """Accept, renoise and decide to stop, given this step's temperature-scaled (and `constrain`ed) logits

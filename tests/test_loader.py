@@ -255,3 +255,34 @@ def test_non_finite_weights_warn_unless_the_check_is_off(ckpt, caplog):
     with caplog.at_level(logging.WARNING, logger="dgemma.loader"):
         load_model(ckpt, check_finite=False)  # what a checkpoint above FINITE_CHECK_BYTES gets by default
     assert "NaN/Inf" not in caplog.text
+
+
+def test_hub_ids_download_weights_configs_and_tokenizer_only(tok_checkpoint, monkeypatch, capsys):
+    """`-m org/name` (CLI, serve, Python API) goes through huggingface_hub into its cache; mocked: CI never touches
+    a hub. Only safetensors, JSON, templates and tokenizer files are asked for; --offline asks the cache only."""
+    import huggingface_hub
+
+    from dgemma.cli import main
+    from dgemma.loader import CheckpointError, resolve_model_dir
+
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, local_files_only=False, **kw):
+        calls.append((repo_id, tuple(allow_patterns), local_files_only))
+        if repo_id == "org/missing":
+            raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error: repository not found")
+        return str(tok_checkpoint)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert main(["generate", "-m", "org/name", "In the beginning", "-n", "4", "-s", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) <= 4 and calls[-1][0] == "org/name" and calls[-1][2] is False
+    assert not any(p.endswith(".py") or p == "*" for p in calls[-1][1])  # never code
+    assert Pipeline.load("org/name", device="cpu", offline=True).tokenizer is not None and calls[-1][2] is True
+    with pytest.raises(CheckpointError, match="cannot get 'org/missing' on the hub"):
+        resolve_model_dir("org/missing")
+    for bad in ("a/b/c", "/abs/none", "./rel/x", "org/"):
+        with pytest.raises(CheckpointError, match="does not exist"):
+            resolve_model_dir(bad)
+    assert main(["generate", "-m", "org/missing", "hi"]) == 3
+    assert capsys.readouterr().err.startswith("error: cannot get 'org/missing'")

@@ -98,8 +98,13 @@ KINDS = {
 
 
 def add_model_arguments(p) -> None:
-    p.add_argument("-m", "--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--download", action="store_true", help="treat --model as a Hugging Face repo id and download it")
+    p.add_argument(
+        "-m",
+        "--model",
+        metavar="DIR|ORG/NAME",
+        help="checkpoint directory or Hugging Face repo id (default: the bundled model)",
+    )
+    p.add_argument("--offline", action="store_true", help="never download: a repo id must be in the local HF cache")
 
 
 def add_knob_arguments(p) -> None:
@@ -146,7 +151,7 @@ def load_pipeline(args: argparse.Namespace):
     if args.model is None and not BUNDLED_MODEL.is_dir():
         raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
     try:
-        return Pipeline.load(args.model, dtype=args.dtype, device=args.device, allow_download=args.download)
+        return Pipeline.load(args.model, dtype=args.dtype, device=args.device, offline=args.offline)
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e), EXIT_CHECKPOINT) from None
 

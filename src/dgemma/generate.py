@@ -432,9 +432,9 @@ class Pipeline:
         model_dir: str | os.PathLike | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
-        allow_download: bool = False,
+        offline: bool = False,
     ) -> Pipeline:
-        model_dir = resolve_model_dir(model_dir or BUNDLED_MODEL, allow_download)
+        model_dir = resolve_model_dir(model_dir or BUNDLED_MODEL, offline)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch.device(device).type == "cpu":
             tune_allocator()

@@ -66,19 +66,32 @@ def expected_tensors(model: DiffusionGemma) -> dict[str, tuple[str, tuple[int, .
     return {checkpoint_name(n): (n, tuple(t.shape)) for n, t in names.items()}
 
 
-def resolve_model_dir(model: str | os.PathLike, allow_download: bool = False) -> Path:
-    """A local directory; with `allow_download`, a hub repo id fetched with huggingface_hub (safetensors only)."""
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]  # weights, configs, tokenizer: never code
+
+
+def resolve_model_dir(model: str | os.PathLike, offline: bool = False) -> Path:
+    """A local directory, or a Hugging Face repo id ("org/name") fetched with huggingface_hub into the standard HF
+    cache: safetensors, JSON configs and the tokenizer only, never code (with a progress bar). `offline`: use the
+    cache only, never the network."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"model path {path} is not a directory")
-    if allow_download and str(model).count("/") == 1 and not str(model).startswith((".", "/")):
-        from huggingface_hub import snapshot_download  # optional dependency, only on explicit request
-
-        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-        return Path(snapshot_download(str(model), allow_patterns=patterns))
-    raise CheckpointError(f"model directory {path} does not exist")
+    name = str(model)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or any(not part for part in name.split("/")):
+        raise CheckpointError(f"model directory {path} does not exist (and {name!r} is not a hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{name!r} is not a local directory; to download it from the hub: pip install huggingface_hub"
+        ) from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - the hub raises many types (not found, gated, offline, network)
+        where = "in the local cache (--offline)" if offline else "on the hub"
+        raise CheckpointError(f"cannot get {name!r} {where}: {type(e).__name__}: {e}") from None
 
 
 def weight_files(model_dir: Path) -> list[Path]:

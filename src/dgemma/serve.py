@@ -24,7 +24,13 @@ def add_serve_parser(subparsers) -> None:
         help="OpenAI-compatible HTTP server with a live canvas view",
         description="Serve /v1/completions and /v1/chat/completions (batched, streaming) and a live canvas view at /.",
     )
-    p.add_argument("-m", "--model", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    p.add_argument(
+        "-m",
+        "--model",
+        metavar="DIR|ORG/NAME",
+        help="checkpoint directory or Hugging Face repo id (default: the bundled model)",
+    )
+    p.add_argument("--offline", action="store_true", help="never download: a repo id must be in the local HF cache")
     net = p.add_argument_group("network and auth")
     net.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -162,7 +168,7 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
     if args.model is None and not BUNDLED_MODEL.is_dir():
         raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
     try:
-        pipeline = Pipeline.load(args.model, dtype=args.dtype, device=args.device)
+        pipeline = Pipeline.load(args.model, dtype=args.dtype, device=args.device, offline=args.offline)
         args.processes = args.processes or default_processes(pipeline)
         if args.threads or pipeline.model.embed_tokens.weight.device.type == "cpu":
             import torch

@@ -220,3 +220,20 @@ def test_cli_conventions(tok_checkpoint, json_run, tmp_path):
     assert json.loads(short.stdout)["seed"] == 5
     bad = dgemma("generate", "-m", str(tok_checkpoint), "x", "--threads", "0")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--threads" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--steps", "-5", "> 0"), ("--lr", "nan", "finite"), ("--seed", "-1", ">= 0"), ("--batch-size", "x", "integer")],
+)
+def test_train_values_are_checked(capsys, flag, value, needle):
+    assert main(["train", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: argument {flag}") and needle in err
+
+
+def test_train_help_has_text_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "optimizer steps in all" in out and "(default: 2000)" in out

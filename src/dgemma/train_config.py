@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 
 @dataclasses.dataclass
@@ -43,15 +44,89 @@ class TrainConfig:
     time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
 
 
+HELP = {
+    "corpus": "folder holding train.txt(.gz) and val.txt(.gz), one document per line",
+    "out": "run folder: train_state.pt, the exported model/ and loss.png",
+    "vocab_size": "byte-level BPE vocabulary size (specials included)",
+    "hidden_size": "model width",
+    "intermediate_size": "dense MLP width",
+    "moe_intermediate_size": "width of each routed expert",
+    "num_experts": "routed experts per layer",
+    "top_k_experts": "experts each token uses",
+    "num_layers": "decoder layers (sliding and full attention alternate; the last is full)",
+    "num_heads": "query heads",
+    "head_dim": "head size of sliding layers",
+    "kv_heads": "key/value heads of sliding layers",
+    "global_head_dim": "head size of full-attention layers",
+    "global_kv_heads": "key/value heads of full-attention layers",
+    "sliding_window": "sliding attention window",
+    "canvas_length": "tokens per canvas (block)",
+    "seq_len": "clean tokens per training sequence (a multiple of --canvas-length)",
+    "batch_size": "sequences per step",
+    "steps": "optimizer steps in all (a resumed run continues up to this)",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a share of the peak (cosine decay)",
+    "warmup": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "high_noise_frac": "share of blocks with noise in [0.8, 1], the regime the sampler lives in",
+    "sc_prob": "share of steps trained with self-conditioning",
+    "eval_every": "steps between held-out evaluations",
+    "eval_batches": "batches per evaluation",
+    "ckpt_every": "steps between checkpoints (train_state.pt, resumable)",
+    "seed": "random seed",
+    "threads": "torch CPU threads (0: torch's default)",
+    "bf16": "bf16 autocast (fast only on CPUs with AVX512-BF16/AMX)",
+    "init_from": "warm start from a checkpoint directory of the same shape (weights only)",
+    "time_limit_min": "stop and save after this many minutes (0: no limit)",
+}
+MINIMUM = {
+    "seed": 0,
+    "threads": 0,
+    "warmup": 0,
+    "weight_decay": 0.0,
+    "time_limit_min": 0.0,
+    "min_lr_ratio": 0.0,
+    "high_noise_frac": 0.0,
+    "sc_prob": 0.0,
+}
+
+
+def _checked(kind: type, name: str):
+    """A value parser that refuses what the trainer cannot use: ints >= 1 and floats > 0, or >= the MINIMUM."""
+    low = MINIMUM.get(name)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if (low is None and value <= 0) or (low is not None and value < low):
+            raise argparse.ArgumentTypeError(f"must be {'> 0' if low is None else f'>= {low}'}, got {text}")
+        return value
+
+    return parse
+
+
 def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a small DiffusionGemma-architecture model on a text corpus")
+    p = subparsers.add_parser(
+        "train",
+        help="train a small DiffusionGemma-architecture model on a text corpus",
+        description="Train a block-diffusion model (BD3-LM masks, uniform-noise corruption, self-conditioning) on a "
+        "folder of text; resumable from OUT/train_state.pt. Every option shows its default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+        elif f.type == "str":
+            p.add_argument(flag, type=str, default=f.default, help=HELP[f.name])
         else:
-            p.add_argument(flag, type=kinds[f.type], default=f.default)
+            p.add_argument(flag, type=_checked(kinds[f.type], f.name), default=f.default, help=HELP[f.name])
     p.set_defaults(handler=_run)
 
 

@@ -499,7 +499,9 @@ def secured(pipeline):
 
 def test_api_key_on_every_route(secured):
     protected = [r.path for r in secured.app.routes if r.path not in ("/health", "/")]
-    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/openapi.json"} <= set(protected)
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/openapi.json", "/metrics", "/docs"} <= set(
+        protected
+    )
     with httpx.Client(base_url=secured.url, timeout=60) as c:
         for path in protected:
             path = path.replace("{model}", MODEL)
@@ -846,3 +848,16 @@ def test_clients_that_send_temperature_and_top_p_get_answers(client, pipeline):
         for _ in range(2)
     ]
     assert zero[0] == zero[1] == pipeline.generate("The", temperature=0, max_new_tokens=8).text
+
+
+def test_metrics_and_docs(client, http):
+    client.completions.create(model=MODEL, prompt="Count me", max_tokens=4, seed=2)
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    values = {line.split()[0]: float(line.split()[1]) for line in r.text.splitlines() if not line.startswith("#")}
+    assert values["dgemma_engine_up"] == 1 and values["dgemma_requests_finished_total"] >= 1
+    assert values["dgemma_generated_tokens_total"] >= 1 and values["dgemma_denoise_steps_total"] >= 1
+    assert values["dgemma_time_to_first_token_seconds_count"] >= 1
+    assert "# TYPE dgemma_requests_active gauge" in r.text
+    docs = http.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()

@@ -438,9 +438,10 @@ class CanvasView:
             return
         text = Text()
         text.append(
-            f"canvas {event.canvas_index + 1} · step {event.step} · mean entropy {event.mean_entropy:.3f}\n",
+            f"canvas {event.canvas_index + 1} · step {event.step} · mean entropy {event.mean_entropy:.3f}",
             style="bold cyan",
         )
+        text.append("   bright = sure · yellow / red = unsure · underlined = accepted\n", style="dim")
         committed = self.tokenizer.decode(self.committed) if self.tokenizer else " ".join(map(str, self.committed))
         text.append(self.prompt[-1000:], style="dim")
         text.append(printable(committed)[-2000:])

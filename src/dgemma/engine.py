@@ -88,6 +88,7 @@ class Engine:
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
         self.counters = collections.Counter()
+        self.latency: collections.Counter = collections.Counter()
 
     # --- API for the server (any thread) ----------------------------------------------------------------------
     def start(self) -> Engine:
@@ -244,6 +245,10 @@ class Engine:
             job.deliver(ev)
         if gen.finished:
             self.counters["finished"] += 1
+            self.counters["generated_tokens"] += len(gen.token_ids)
+            if job.first_token is not None:  # time to first token, summed for /metrics (a Prometheus summary)
+                self.latency["first_token_s"] += job.first_token - job.submitted
+                self.latency["first_token_count"] += 1
             t0 = job.submitted
             job.deliver(
                 Finished(

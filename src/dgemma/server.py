@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -61,7 +61,7 @@ def create_app(
         title="dgemma",
         summary="OpenAI-compatible DiffusionGemma server",
         version="0.1.0",
-        docs_url=None,
+        docs_url="/docs",
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -101,6 +101,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(prometheus(srv.engine), media_type="text/plain; version=0.0.4")
+
     @app.get("/health")
     async def health():
         ok = srv.engine.healthy()
@@ -159,3 +163,51 @@ def _model_card(srv: Frontend) -> dict:
 
 def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+METRICS = [  # (name, type, help, value from (stats, latency))
+    ("dgemma_engine_up", "gauge", "1 while the engine thread is alive", lambda s, l: int(s["alive"])),
+    ("dgemma_requests_active", "gauge", "generations in the running batch", lambda s, l: s["active"]),
+    ("dgemma_requests_queued", "gauge", "generations waiting for a batch slot", lambda s, l: s["queued"]),
+    ("dgemma_requests_finished_total", "counter", "generations finished", lambda s, l: s.get("finished", 0)),
+    ("dgemma_requests_cancelled_total", "counter", "generations cancelled", lambda s, l: s.get("cancelled", 0)),
+    (
+        "dgemma_requests_rejected_total",
+        "counter",
+        "generations refused by a full queue",
+        lambda s, l: s.get("rejected", 0),
+    ),
+    (
+        "dgemma_denoise_steps_total",
+        "counter",
+        "batched denoising steps (rate: steps/s)",
+        lambda s, l: s.get("steps", 0),
+    ),
+    (
+        "dgemma_generated_tokens_total",
+        "counter",
+        "tokens of finished generations (rate: tokens/s)",
+        lambda s, l: s.get("generated_tokens", 0),
+    ),
+    (
+        "dgemma_time_to_first_token_seconds_sum",
+        "counter",
+        "submit -> first released token, summed",
+        lambda s, l: round(l["first_token_s"], 6),
+    ),
+    (
+        "dgemma_time_to_first_token_seconds_count",
+        "counter",
+        "generations with a first token",
+        lambda s, l: l["first_token_count"],
+    ),
+]
+
+
+def prometheus(engine: Engine) -> str:
+    """The engine's counters in Prometheus' text format (GET /metrics, auth-protected like the API)."""
+    stats, latency = engine.stats(), engine.latency
+    lines = []
+    for name, kind, text, value in METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value(stats, latency)}"]
+    return "\n".join(lines) + "\n"

@@ -237,3 +237,26 @@ def test_train_help_has_text_and_defaults(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "optimizer steps in all" in out and "(default: 2000)" in out
+
+
+def test_bench_prints_a_table_and_a_json_line_last(tok_checkpoint):
+    proc = dgemma(
+        "bench",
+        "-m",
+        str(tok_checkpoint),
+        "--batch",
+        "1,2",
+        "--steps",
+        "2",
+        "--canvases",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--threads",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["batch"] for r in last["results"]] == [1, 2] and last["peak_gflops"] > 0
+    assert all(r["tokens_per_s"] > 0 and 0 < r["compute_share"] for r in last["results"])
+    assert "ms/step" in proc.stdout

@@ -480,6 +480,9 @@ def build_parser() -> Parser:
     from .train_config import add_train_parser  # light: torch loads only when `train` runs
 
     add_train_parser(sub)
+    from .bench import add_bench_parser  # light: torch loads only when `bench` runs
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -286,3 +286,15 @@ def test_hub_ids_download_weights_configs_and_tokenizer_only(tok_checkpoint, mon
             resolve_model_dir(bad)
     assert main(["generate", "-m", "org/missing", "hi"]) == 3
     assert capsys.readouterr().err.startswith("error: cannot get 'org/missing'")
+
+
+def test_loading_reports_progress(tok_checkpoint):
+    calls = []
+    load_model(tok_checkpoint, progress=lambda done, total: calls.append((done, total)))
+    assert calls and all(a[0] < b[0] for a, b in zip(calls, calls[1:]))  # monotonic, one call per tensor
+    assert (
+        calls[-1][0]
+        == calls[-1][1]
+        == sum(f.stat().st_size for f in tok_checkpoint.glob("*.safetensors"))
+        - sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in tok_checkpoint.glob("*.safetensors"))
+    )  # every byte of tensor data, none of the headers

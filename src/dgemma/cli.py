@@ -151,9 +151,38 @@ def load_pipeline(args: argparse.Namespace):
     if args.model is None and not BUNDLED_MODEL.is_dir():
         raise CliError(f"no bundled model at {BUNDLED_MODEL}; pass --model DIR", EXIT_CHECKPOINT)
     try:
-        return Pipeline.load(args.model, dtype=args.dtype, device=args.device, offline=args.offline)
+        with loading_bar() as progress:
+            return Pipeline.load(
+                args.model, dtype=args.dtype, device=args.device, offline=args.offline, progress=progress
+            )
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e), EXIT_CHECKPOINT) from None
+
+
+BAR_BYTES = 1 << 30  # checkpoints from this size on get a loading bar
+
+
+@contextlib.contextmanager
+def loading_bar():
+    """A `progress(done, total)` callback drawing a transient bar on a terminal's stderr for big checkpoints."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("loading weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal task
+            if total < BAR_BYTES:
+                return
+            if task is None:
+                task = bar.add_task("load", total=total)
+            bar.update(task, completed=done)
+
+        yield progress
 
 
 def seed_of(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -433,6 +433,7 @@ class Pipeline:
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
         offline: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Pipeline:
         model_dir = resolve_model_dir(model_dir or BUNDLED_MODEL, offline)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -442,7 +443,7 @@ class Pipeline:
             if dtype not in TORCH_DTYPES:
                 raise ConfigError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
             dtype = TORCH_DTYPES[dtype]
-        model = load_model(model_dir, dtype=dtype, device=device)
+        model = load_model(model_dir, dtype=dtype, device=device, progress=progress)
         tokenizer = Tokenizer.from_dir(model_dir)
         settings = load_generation_settings(model_dir)  # EOS ids only from here, as the reference does
         if tokenizer is not None and tokenizer.vocab_size > model.text.vocab_size:

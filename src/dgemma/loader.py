@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -197,9 +199,11 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     check_finite: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DiffusionGemma:
     """Build on the meta device, validate every tensor, then assign memory-mapped tensors (cast once if needed).
-    `check_finite`: warn about NaN/Inf weights (a full pass over the weights; None = only up to 2 GiB)."""
+    `check_finite`: warn about NaN/Inf weights (a full pass over the weights; None = only up to 2 GiB).
+    `progress(done_bytes, total_bytes)` is called after each tensor (the CLI draws a bar for big checkpoints)."""
     model_dir = resolve_model_dir(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -225,10 +229,15 @@ def load_model(
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(found[key][2], []).append(key)
+    total, done = sum(math.prod(found[k][1]) * DTYPES[found[k][0]].itemsize for k in expected), 0
     for path, keys in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in keys:
-                state[expected[key][0]] = f.get_tensor(key).to(device=device, dtype=target)
+                tensor = f.get_tensor(key)
+                done += tensor.nbytes
+                state[expected[key][0]] = tensor.to(device=device, dtype=target)
+                if progress is not None:
+                    progress(done, total)
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_rope(model, device)
     if check_finite or (check_finite is None and sum(t.nbytes for t in state.values()) <= FINITE_CHECK_BYTES):

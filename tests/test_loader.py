@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pickle
@@ -291,7 +292,7 @@ def test_hub_ids_download_weights_configs_and_tokenizer_only(tok_checkpoint, mon
 def test_loading_reports_progress(tok_checkpoint):
     calls = []
     load_model(tok_checkpoint, progress=lambda done, total: calls.append((done, total)))
-    assert calls and all(a[0] < b[0] for a, b in zip(calls, calls[1:]))  # monotonic, one call per tensor
+    assert calls and all(a[0] < b[0] for a, b in itertools.pairwise(calls))  # monotonic, one call per tensor
     assert (
         calls[-1][0]
         == calls[-1][1]

@@ -21,18 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import torch
 
+from dgemma.bench import Server, merge, run_level
 from dgemma.bpe import load_corpus_lines, train_bpe
 from dgemma.config import GenerationSettings, ModelConfig
 from dgemma.export import save_model
@@ -40,16 +35,6 @@ from dgemma.generate import BUNDLED_MODEL, Pipeline
 from dgemma.model import DiffusionGemma
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [
-    "The history of the city begins",
-    "In the morning the market was",
-    "She opened the letter and read",
-    "The river ran past the old mill where",
-    "A short guide to keeping bees:",
-    "When the storm reached the coast,",
-    "The committee met again on Tuesday to",
-    "Once upon a time there lived",
-]
 
 
 SIZES = {  # "bundled": scripts/train_bundled.sh's shape; "large": twice as wide and deep, 4x the vocabulary
@@ -81,115 +66,6 @@ def random_checkpoint(out: Path, size: str) -> Path:
             else:
                 p.normal_(0, 0.3 if name == "embed_tokens.weight" else 0.05)
     return save_model(model, out, GenerationSettings(eos_token_ids=(1,), pad_token_id=0), tokenizer=tok)
-
-
-class Server:
-    """`dgemma serve` in its own process, as users run it (clients in this process never share its GIL)."""
-
-    def __init__(self, model_dir: Path, flags: list[str]):
-        self.cmd = [sys.executable, "-m", "dgemma", "serve", "--model", str(model_dir), "--port", "0",
-                    "--model-id", "bench", "--log-level", "warning", *flags]  # fmt: skip
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
-        for line in self.proc.stderr:  # "dgemma: serving bench on http://127.0.0.1:PORT/"
-            if match := re.search(r" on (http://[^\s/]+)", line):
-                self.url = match.group(1)
-                break
-        else:
-            raise SystemExit(f"dgemma serve exited with {self.proc.wait()}")
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep the pipe drained
-        deadline = time.monotonic() + 120
-        while True:  # --processes children start serving after the line above
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit("dgemma serve did not become healthy")
-            time.sleep(0.2)
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-def one_request(client: httpx.Client, body: dict) -> dict:
-    """Stream one completion; returns timings (s), text and server-side stats."""
-    t0 = time.perf_counter()
-    first, text, stats, usage = None, [], {}, {}
-    with client.stream("POST", "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for c in chunk["choices"]:
-                if c["text"] and first is None:
-                    first = time.perf_counter() - t0
-                text.append(c["text"])
-                stats = c.get("dgemma") or stats
-    return {"first_text_s": first, "latency_s": time.perf_counter() - t0, "text": "".join(text),
-            "tokens": usage["completion_tokens"], "first_commit_s": stats.get("first_commit_s"),
-            "steps": stats.get("steps_per_canvas")}  # fmt: skip
-
-
-def run_level(url: str, n: int, total: int, knobs: dict) -> dict:
-    """`total` requests (request k: prompt k mod 8, seed 1000 + k; the same set at every level) served by `n`
-    client threads that each take the next request as soon as their previous one finishes."""
-    results: dict[int, dict] = {}
-    todo = iter(range(total))
-    lock = threading.Lock()
-
-    def client(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=3600) as c:
-            while True:
-                with lock:
-                    k = next(todo, None)
-                if k is None:
-                    return
-                body = {"model": "bench", "prompt": PROMPTS[k % len(PROMPTS)], "seed": 1000 + k, "stream": True,
-                        **knobs, "stream_options": {"include_usage": True, **knobs.get("stream_options", {})}}  # fmt: skip
-                results[k] = one_request(c, body)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    lat = sorted(r["latency_s"] for r in results.values())
-    firsts = [r["first_text_s"] for r in results.values() if r["first_text_s"] is not None]
-    commits = [r["first_commit_s"] for r in results.values() if r["first_commit_s"] is not None]
-    tokens = sum(r["tokens"] for r in results.values())
-    return {
-        "clients": n, "requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-        "requests_per_s": len(results) / wall, "forward_passes": sum(sum(r["steps"] or []) for r in results.values()),
-        "first_text_p50_s": statistics.median(firsts) if firsts else None,
-        "first_commit_p50_s": statistics.median(commits) if commits else None,
-        "latency_p50_s": statistics.median(lat), "latency_p99_s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
-        "texts": {k: r["text"] for k, r in results.items()},
-    }  # fmt: skip
-
-
-def merge(runs: list[dict]) -> dict:
-    """One level's rounds as one row: throughput over the summed wall time, medians of the per-round figures, and
-    the texts of every round (they must agree)."""
-    if len(runs) == 1:
-        return runs[0]
-    wall, tokens, requests = (sum(r[k] for r in runs) for k in ("wall_s", "tokens", "requests"))
-    row = {"clients": runs[0]["clients"], "requests": requests, "tokens": tokens, "wall_s": wall,
-           "tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
-           "forward_passes": sum(r["forward_passes"] for r in runs), "rounds_tokens_per_s": [r["tokens_per_s"] for r in runs]}  # fmt: skip
-    for key in ("first_text_p50_s", "first_commit_p50_s", "latency_p50_s", "latency_p99_s"):
-        values = [r[key] for r in runs if r[key] is not None]
-        row[key] = statistics.median(values) if values else None
-    texts = runs[0]["texts"]
-    row["texts"] = texts if all(r["texts"] == texts for r in runs) else {}
-    return row
 
 
 def fmt(x: float | None) -> str:

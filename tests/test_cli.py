@@ -260,3 +260,11 @@ def test_bench_prints_a_table_and_a_json_line_last(tok_checkpoint):
     assert [r["batch"] for r in last["results"]] == [1, 2] and last["peak_gflops"] > 0
     assert all(r["tokens_per_s"] > 0 and 0 < r["compute_share"] for r in last["results"])
     assert "ms/step" in proc.stdout
+
+
+def test_bench_clients_measures_the_server(tok_checkpoint):
+    proc = dgemma("bench", "-m", str(tok_checkpoint), "--clients", "1,2", "--requests", "2", "--max-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["bench"] == "serve" and [r["clients"] for r in last["levels"]] == [1, 2]
+    assert last["identical_outputs"] is True and all(r["tokens_per_s"] > 0 for r in last["levels"])

@@ -280,6 +280,8 @@ def test_hub_ids_download_weights_configs_and_tokenizer_only(tok_checkpoint, mon
     assert len(out["token_ids"]) <= 4 and calls[-1][0] == "org/name" and calls[-1][2] is False
     assert not any(p.endswith(".py") or p == "*" for p in calls[-1][1])  # never code
     assert Pipeline.load("org/name", device="cpu", offline=True).tokenizer is not None and calls[-1][2] is True
+    assert main(["generate", "-m", "org/name", "--offline", "x", "-n", "2", "-q"]) == 0 and calls[-1][2] is True
+    capsys.readouterr()
     with pytest.raises(CheckpointError, match="cannot get 'org/missing' on the hub"):
         resolve_model_dir("org/missing")
     for bad in ("a/b/c", "/abs/none", "./rel/x", "org/"):

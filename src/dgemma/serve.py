@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 
-from .cli import EXIT_CHECKPOINT, EXIT_FAILURE, CliError, positive_float, positive_int
+from .cli import EXIT_CHECKPOINT, EXIT_FAILURE, CliError, add_model_arguments, positive_float, positive_int
 
 
 def add_serve_parser(subparsers) -> None:
@@ -24,13 +24,7 @@ def add_serve_parser(subparsers) -> None:
         help="OpenAI-compatible HTTP server with a live canvas view",
         description="Serve /v1/completions and /v1/chat/completions (batched, streaming) and a live canvas view at /.",
     )
-    p.add_argument(
-        "-m",
-        "--model",
-        metavar="DIR|ORG/NAME",
-        help="checkpoint directory or Hugging Face repo id (default: the bundled model)",
-    )
-    p.add_argument("--offline", action="store_true", help="never download: a repo id must be in the local HF cache")
+    add_model_arguments(p)
     net = p.add_argument_group("network and auth")
     net.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

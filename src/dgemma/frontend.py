@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from .config import ConfigError
 from .engine import EngineClosed, Failed, Finished, Job, QueueFull
 from .generate import CanvasEvent, Request, Settle, SettleEvent, StepEvent
-from .infill import InfillCandidate, choose_infill, infill_lengths
+from .infill import InfillCandidate, choose_infill, drop_moved_space, infill_lengths
 from .structured import structured_layout
 from .text import TextStream
 
@@ -355,13 +355,10 @@ class Frontend:
 
     def _fill(self, plan: Plan, i: int, results: list[Finished], text: TextStream) -> list[tuple]:
         """The ("text", "done") items of an infill choice once all its candidates finished."""
-        cands = [
-            InfillCandidate(n, f.token_ids, f.seam_nll, f.free_entropy) for n, f in zip(plan.fill_lengths, results)
-        ]
+        cands = InfillCandidate.of(plan.fill_lengths, results)
         best = choose_infill(cands)
-        delta = text.push(cands[best].fill, "stop")
-        if plan.fill_space and text.text.startswith(" "):  # generate.drop_moved_space, applied to the stream
-            delta, text.text = delta[1:], text.text[1:]
+        text.push(cands[best].fill, "stop")  # the whole fill at once: the delta is all of the text
+        delta = text.text = drop_moved_space(text.text, plan.fill_space)
         chosen = results[best]
         infill = {"length": cands[best].length, "candidates": [{"length": c.length, "score": c.score} for c in cands]}
         stats = self._stats(plan, i, text, None, chosen, infill=infill)

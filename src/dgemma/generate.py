@@ -610,7 +610,7 @@ class Pipeline:
         gens = [Generation(self.model, r) for r in requests]
         for _ in run_batch(self.model, gens):
             pass
-        cands = [InfillCandidate(n, g.token_ids, g.seam_nll, g.free_entropy) for n, g in zip(lengths, gens)]
+        cands = InfillCandidate.of(lengths, gens)
         best = choose_infill(cands)
         texts = [drop_moved_space(self.decode(c.fill), moved) for c in cands]
         table = [

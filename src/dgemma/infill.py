@@ -29,6 +29,12 @@ class InfillCandidate:
     seam_nll: float | None  # Generation.seam_nll (None: nothing after the gap)
     free_entropy: list[float]
 
+    @classmethod
+    def of(cls, lengths: list[int], results: list) -> list[InfillCandidate]:
+        """Candidates from finished generations: a Generation or an engine Finished (both carry token_ids,
+        seam_nll and free_entropy)."""
+        return [cls(n, r.token_ids, r.seam_nll, r.free_entropy) for n, r in zip(lengths, results)]
+
     @property
     def fill(self) -> list[int]:
         return self.token_ids[: self.length]

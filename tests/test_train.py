@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -37,18 +38,20 @@ def test_corrupt_levels():
     assert (y != x).float().mean() > 0.75  # all blocks at noise >= 0.8 (a replacement may redraw 0 rarely)
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("micro")
+def micro_corpus(root: Path) -> Path:
     lines = load_corpus_lines(CORPUS)
     corpus = root / "corpus"
     corpus.mkdir()
     with gzip.open(corpus / "train.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(lines[4:24]))
     (corpus / "val.txt").write_text("\n".join(lines[:2]), encoding="utf-8")
+    return corpus
+
+
+def micro_config(corpus: Path, out: Path, **overrides) -> TrainConfig:
     tc = TrainConfig(
         corpus=str(corpus),
-        out=str(root / "run"),
+        out=str(out),
         vocab_size=320,
         hidden_size=48,
         intermediate_size=96,
@@ -73,7 +76,13 @@ def micro_run(tmp_path_factory):
         ckpt_every=30,
         threads=0,
     )
-    trainer = Trainer(tc)
+    return TrainConfig(**{**tc.__dict__, **overrides})
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("micro")
+    trainer = Trainer(micro_config(micro_corpus(root), root / "run"))
     trainer.train()
     return trainer
 
@@ -111,3 +120,40 @@ def test_warm_start_from_exported_checkpoint(micro_run, tmp_path):
     exported = load_model(Path(tc.out) / "model", dtype=torch.float32)
     for name, tensor in exported.state_dict().items():
         assert torch.equal(warm.model.state_dict()[name], tensor), name
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    """2 steps, a fresh process-like restart from train_state.pt, 2 more steps == 4 steps: bit-identical weights."""
+    corpus = micro_corpus(tmp_path)
+    budget = {"tokens": 4 * 8 * 32, "warmup": 2, "eval_every": 3, "ckpt_every": 1000, "ckpt_every_min": 0.0}
+    whole = Trainer(micro_config(corpus, tmp_path / "whole", **budget))
+    whole.train()
+    first = Trainer(micro_config(corpus, tmp_path / "split", **budget, time_limit_min=60.0))
+    first.train(max_steps=2)  # an interruption: saves, the schedule does not move
+    assert first.step == 2
+    second = Trainer(micro_config(corpus, tmp_path / "split", **budget))
+    assert second.step == 2 and second.tokens_seen == 2 * 8 * 32
+    second.train()
+    assert whole.step == second.step == 4
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], tensor), name
+    assert json.loads(json.dumps(whole.history)) == json.loads(
+        json.dumps(second.history)
+    )  # same losses and evals, step by step
+    assert whole.rng.getstate() == second.rng.getstate()
+
+
+def test_schedule_is_a_function_of_tokens_only(tmp_path):
+    """Warm-up then cosine to min_lr_ratio at the token budget; a time limit does not move it."""
+    corpus = micro_corpus(tmp_path)
+    batch = 8 * 32
+    plain = Trainer(micro_config(corpus, tmp_path / "a", tokens=100 * batch, warmup=10, lr=1e-2, min_lr_ratio=0.1))
+    timed = Trainer(
+        micro_config(
+            corpus, tmp_path / "b", tokens=100 * batch, warmup=10, lr=1e-2, min_lr_ratio=0.1, time_limit_min=0.01
+        )
+    )
+    for t in (0, 5 * batch, 10 * batch, 50 * batch, 100 * batch):
+        assert plain.lr_at(t) == timed.lr_at(t)
+    assert plain.lr_at(0) == pytest.approx(1e-3) and plain.lr_at(9 * batch) == pytest.approx(1e-2)
+    assert plain.lr_at(100 * batch) == pytest.approx(1e-3) and plain.lr_at(50 * batch) == pytest.approx(5.5e-3)

@@ -7,6 +7,11 @@ attention mask (BD3-LM, Arriola et al. 2025): a clean causal stream followed by 
 the clean prefix before it (sliding layers: only its last W-1 tokens, as at inference) and its own block.
 Self-conditioning is trained on half of the steps by feeding the detached, temperature-scaled output of a first pass.
 
+Resumable by construction: the learning rate is a function of the tokens seen (warm-up, then cosine to the --tokens
+budget), batches are drawn from a saved RNG, and `train_state.pt` (weights, optimizer, tokens, both RNGs) is replaced
+atomically every few minutes and on SIGTERM/SIGINT or --time-limit-min. So a run stopped and restarted any number of
+times with the same command computes the same weights as one uninterrupted run.
+
 Not here: sampling, evaluation of generated text (scripts/eval_bundled.py), or anything the loader does.
 """
 
@@ -16,7 +21,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -112,13 +119,18 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        self.folders = [Path(c) for c in tc.corpus.split(",") if c]
         self.tokenizer = self._tokenizer()
-        self.train_ids = self._tokens("train")
-        self.val_ids = self._tokens("val")
+        self.train_ids = torch.cat([self._tokens(self._corpus_file(f, "train")) for f in self.folders])
+        self.val_ids = self._tokens(self._corpus_file(self.folders[0], "val"))
+        self.extra_val = {  # other folders' held-out text: logged beside the reported val, never trained on
+            f.name: self._tokens(self._corpus_file(f, "val")) for f in self.folders[1:] if self._has_file(f, "val")
+        }
         self.config = model_config(tc)
         self.model = DiffusionGemma(self.config)
         init_weights(self.model, tc.seed)
-        if tc.init_from:
+        resuming = (self.out / "train_state.pt").is_file()
+        if tc.init_from and not resuming:
             self._warm_start(Path(tc.init_from))
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
@@ -132,11 +144,21 @@ class Trainer:
         self.step, self.history, self.tokens_seen, self.elapsed = 0, {"train": [], "val": []}, 0, 0.0
         self.gen = torch.Generator().manual_seed(tc.seed)
         self.rng = random.Random(tc.seed)
+        self.stop_requested = False
         self._resume()
 
+    @property
+    def budget(self) -> int:
+        """Training tokens in all: the schedule's length and the end of the run."""
+        return self.tc.tokens or self.tc.steps * self.tc.batch_size * self.tc.seq_len
+
     # --- data ---------------------------------------------------------------------------------------------------
-    def _corpus_file(self, split: str) -> Path:
-        base = Path(self.tc.corpus)
+    @staticmethod
+    def _has_file(base: Path, split: str) -> bool:
+        return any((base / f"{split}{ext}").is_file() for ext in (".txt", ".txt.gz"))
+
+    @staticmethod
+    def _corpus_file(base: Path, split: str) -> Path:
         for name in (f"{split}.txt", f"{split}.txt.gz"):
             if (base / name).is_file():
                 return base / name
@@ -150,14 +172,15 @@ class Trainer:
             path.write_bytes((Path(self.tc.init_from) / "tokenizer.json").read_bytes())  # keep the warm start's ids
         if path.is_file():
             return Tokenizer.from_file(str(path))
-        tok = train_bpe(load_corpus_lines(self._corpus_file("train")), self.tc.vocab_size)
+        lines = [line for f in self.folders for line in load_corpus_lines(self._corpus_file(f, "train"))]
+        tok = train_bpe(lines, self.tc.vocab_size)
         tok.save(str(path))
         return tok
 
-    def _tokens(self, split: str) -> torch.Tensor:
+    def _tokens(self, path: Path) -> torch.Tensor:
         """Documents as [BOS] text [EOS], concatenated into one stream."""
         ids: list[int] = []
-        for enc in self.tokenizer.encode_batch(load_corpus_lines(self._corpus_file(split)), add_special_tokens=False):
+        for enc in self.tokenizer.encode_batch(load_corpus_lines(path), add_special_tokens=False):
             ids += [BOS_ID, *enc.ids, EOS_ID]
         return torch.tensor(ids, dtype=torch.long)
 
@@ -188,29 +211,26 @@ class Trainer:
         logits = self.denoise_logits(clean, noisy, soft)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
 
-    def progress(self) -> float:
-        """Fraction of the budget used: steps, or wall time when a time limit is set (whichever is further)."""
-        frac = self.step / self.tc.steps
-        if self.tc.time_limit_min:
-            frac = max(frac, self.elapsed / (self.tc.time_limit_min * 60))
-        return min(frac, 1.0)
-
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, tokens_seen: int) -> float:
+        """Linear warm-up over `warmup` batches, then cosine to min_lr_ratio at the budget: a function of tokens only."""
         tc = self.tc
-        if step < tc.warmup:
-            return tc.lr * (step + 1) / tc.warmup
-        frac = self.progress()
+        batch = tc.batch_size * tc.seq_len
+        if tokens_seen < tc.warmup * batch:
+            return tc.lr * (tokens_seen // batch + 1) / tc.warmup
+        frac = min(tokens_seen / self.budget, 1.0)
         return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     # --- loop ---------------------------------------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self, max_steps: int | None = None) -> None:
+        """Train to the budget; stop early (saving, schedule untouched) on the time limit, a signal or `max_steps`."""
         tc = self.tc
         self.model.train()
-        window_t, window_tokens = time.time(), 0
-        while self.step < tc.steps:
+        started = last_save = window_t = time.time()
+        window_tokens, steps_here = 0, 0
+        while self.tokens_seen < self.budget:
             t_step = time.time()
             for group in self.opt.param_groups:
-                group["lr"] = self.lr_at(self.step)
+                group["lr"] = self.lr_at(self.tokens_seen)
             clean = self.batch(self.train_ids, self.rng)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
                 loss = self.loss(clean, self.gen, self.rng.random() < tc.sc_prob)
@@ -222,46 +242,64 @@ class Trainer:
             self.tokens_seen += clean.numel()
             window_tokens += clean.numel()
             self.elapsed += time.time() - t_step
+            steps_here += 1
             self.history["train"].append((self.step, loss.item()))
+            done = self.tokens_seen >= self.budget
             if self.step % 10 == 0:
                 rate = window_tokens / (time.time() - window_t)
                 log.info(
-                    "step %d/%d loss %.4f lr %.2e %.0f tok/s",
+                    "step %d tokens %d/%d loss %.4f lr %.2e %.0f tok/s",
                     self.step,
-                    tc.steps,
+                    self.tokens_seen,
+                    self.budget,
                     loss.item(),
-                    self.lr_at(self.step),
+                    self.lr_at(self.tokens_seen),
                     rate,
                 )
                 window_t, window_tokens = time.time(), 0
-            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+            if self.step % tc.eval_every == 0 or done:
                 self.history["val"].append((self.step, self.evaluate()))
-            out_of_time = bool(tc.time_limit_min) and self.progress() >= 1.0
-            if self.step % tc.ckpt_every == 0 or self.step == tc.steps or out_of_time:
+            out_of_time = bool(tc.time_limit_min) and time.time() - started >= tc.time_limit_min * 60
+            stop = out_of_time or self.stop_requested or steps_here == max_steps
+            ckpt_due = bool(tc.ckpt_every_min) and time.time() - last_save >= tc.ckpt_every_min * 60
+            if self.step % tc.ckpt_every == 0 or ckpt_due or done or stop:
                 self.save()
-            if out_of_time:
-                log.info("time limit reached at step %d", self.step)
-                break
-        self.save()
+                last_save = time.time()
+            if stop:
+                why = "time limit" if out_of_time else "signal" if self.stop_requested else "max_steps"
+                log.info(
+                    "stopped (%s) at step %d, %d tokens; rerun the same command to resume",
+                    why,
+                    self.step,
+                    self.tokens_seen,
+                )
+                return
+        log.info("budget reached: step %d, %d tokens", self.step, self.tokens_seen)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out denoising loss at fixed noise levels (no self-conditioning), plus the unigram baseline."""
         self.model.eval()
+        out = self.val_losses(self.val_ids)
+        out["unigram"] = unigram_loss(self.train_ids, self.val_ids, self.tc.vocab_size)
+        for name, ids in self.extra_val.items():
+            out.update({f"{name}/{k}": v for k, v in self.val_losses(ids).items()})
+        log.info("eval step %d: %s", self.step, json.dumps({k: round(v, 4) for k, v in out.items()}))
+        self.model.train()
+        return out
+
+    def val_losses(self, ids: torch.Tensor) -> dict:
         rng, gen = random.Random(1234), torch.Generator().manual_seed(1234)
         out = {}
         for level in (0.25, 0.5, 0.75, 1.0):
             losses = []
             for _ in range(self.tc.eval_batches):
-                clean = self.batch(self.val_ids, rng)
+                clean = self.batch(ids, rng)
                 replace = torch.rand(clean.shape, generator=gen) < level
                 noisy = torch.where(replace, torch.randint(0, self.tc.vocab_size, clean.shape, generator=gen), clean)
                 logits = self.denoise_logits(clean, noisy)
                 losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1)).item())
             out[f"noise_{level}"] = sum(losses) / len(losses)
-        out["unigram"] = unigram_loss(self.train_ids, self.val_ids, self.tc.vocab_size)
-        log.info("eval step %d: %s", self.step, json.dumps({k: round(v, 4) for k, v in out.items()}))
-        self.model.train()
         return out
 
     # --- persistence --------------------------------------------------------------------------------------------
@@ -276,13 +314,18 @@ class Trainer:
             "history": json.dumps(self.history),
             "gen": self.gen.get_state(),
             "rng": json.dumps(self.rng.getstate()),
+            "train_tokens": len(self.train_ids),
             "config": json.dumps(dataclasses.asdict(self.tc)),
         }
         tmp = self.out / "train_state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.out / "train_state.pt")
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.out / "train_state.pt")  # atomic: a kill leaves the old state or the new one, never half
         self.export(self.out / "model")
         plot_losses(self.history, self.out / "loss.png")
+        log.info("saved step %d (%d tokens) to %s", self.step, self.tokens_seen, self.out / "train_state.pt")
 
     def export(self, path: Path) -> None:
         from .export import save_model
@@ -322,7 +365,13 @@ class Trainer:
         self.gen.set_state(state["gen"])
         rng_state = json.loads(state["rng"])
         self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
-        log.info("resumed from %s at step %d", path, self.step)
+        if state.get("train_tokens", len(self.train_ids)) != len(self.train_ids):
+            log.warning(
+                "the corpus changed since the checkpoint (%d train tokens, now %d): batches will differ",
+                state["train_tokens"],
+                len(self.train_ids),
+            )
+        log.info("resumed from %s at step %d, %d/%d tokens", path, self.step, self.tokens_seen, self.budget)
 
 
 def unigram_loss(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int) -> float:
@@ -369,5 +418,13 @@ def run_train(args) -> int:
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if tc.seq_len % tc.canvas_length:
         raise ValueError(f"--seq-len {tc.seq_len} must be a multiple of --canvas-length {tc.canvas_length}")
-    Trainer(tc).train()
+    trainer = Trainer(tc)
+
+    def request_stop(signum, _frame):  # finish the step, save, exit: `kill PID` loses no work
+        log.info("signal %d: saving after this step", signum)
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    trainer.train()
     return 0

@@ -9,7 +9,7 @@ import math
 
 @dataclasses.dataclass
 class TrainConfig:
-    corpus: str = "data/web"  # folder with train.txt(.gz) and val.txt(.gz), one document per line
+    corpus: str = "data/web"  # folder(s), comma-separated, with train.txt(.gz) [+ val.txt(.gz)], one document a line
     out: str = "runs/web"
     vocab_size: int = 8192
     hidden_size: int = 192
@@ -28,6 +28,7 @@ class TrainConfig:
     seq_len: int = 256  # clean tokens per sequence (a multiple of canvas_length)
     batch_size: int = 16
     steps: int = 2000
+    tokens: int = 0  # training budget in tokens: the LR schedule and the end; 0 = steps * batch_size * seq_len
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
@@ -37,15 +38,17 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 4
     ckpt_every: int = 100
+    ckpt_every_min: float = 5.0  # also checkpoint after this many minutes since the last one; 0 = steps only
     seed: int = 0
     threads: int = 0  # 0 = torch default
     bf16: bool = False  # bf16 autocast: 1.6x faster on CPUs with AVX512-BF16/AMX, ~5x slower without (AVX2 only)
     init_from: str = ""  # warm start: a checkpoint directory of the same shape (weights only; fresh optimizer)
-    time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
+    time_limit_min: float = 0.0  # this invocation stops (and saves) after this many minutes; never moves the schedule
 
 
 HELP = {
-    "corpus": "folder holding train.txt(.gz) and val.txt(.gz), one document per line",
+    "corpus": "folder holding train.txt(.gz) and val.txt(.gz), one document per line; several folders, "
+    "comma-separated, train on all their train files and report the first one's val (the others' as extra keys)",
     "out": "run folder: train_state.pt, the exported model/ and loss.png",
     "vocab_size": "byte-level BPE vocabulary size (specials included)",
     "hidden_size": "model width",
@@ -63,21 +66,25 @@ HELP = {
     "canvas_length": "tokens per canvas (block)",
     "seq_len": "clean tokens per training sequence (a multiple of --canvas-length)",
     "batch_size": "sequences per step",
-    "steps": "optimizer steps in all (a resumed run continues up to this)",
+    "steps": "optimizer steps in all, when --tokens is 0 (a resumed run continues up to this)",
+    "tokens": "training budget in tokens (0: steps x batch x seq-len); the learning-rate schedule follows the tokens "
+    "seen, so a run stopped and resumed any number of times equals one uninterrupted run",
     "lr": "peak learning rate",
     "min_lr_ratio": "final learning rate as a share of the peak (cosine decay)",
-    "warmup": "linear warm-up steps",
+    "warmup": "linear warm-up, in steps (warmup x batch x seq-len tokens)",
     "weight_decay": "AdamW weight decay",
     "high_noise_frac": "share of blocks with noise in [0.8, 1], the regime the sampler lives in",
     "sc_prob": "share of steps trained with self-conditioning",
     "eval_every": "steps between held-out evaluations",
     "eval_batches": "batches per evaluation",
     "ckpt_every": "steps between checkpoints (train_state.pt, resumable)",
+    "ckpt_every_min": "also checkpoint once this many minutes passed since the last checkpoint (0: steps only)",
     "seed": "random seed",
     "threads": "torch CPU threads (0: torch's default)",
     "bf16": "bf16 autocast (fast only on CPUs with AVX512-BF16/AMX)",
     "init_from": "warm start from a checkpoint directory of the same shape (weights only)",
-    "time_limit_min": "stop and save after this many minutes (0: no limit)",
+    "time_limit_min": "stop and save after this many minutes of this invocation (0: no limit); the schedule is "
+    "unchanged, rerun the same command to continue",
 }
 MINIMUM = {
     "seed": 0,
@@ -85,6 +92,8 @@ MINIMUM = {
     "warmup": 0,
     "weight_decay": 0.0,
     "time_limit_min": 0.0,
+    "ckpt_every_min": 0.0,
+    "tokens": 0,
     "min_lr_ratio": 0.0,
     "high_noise_frac": 0.0,
     "sc_prob": 0.0,

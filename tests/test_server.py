@@ -401,7 +401,32 @@ BAD_CHAT = [
     ("messages[0]", {"messages": [{"role": "user", "content": None}]}),
     ("messages", {"messages": "hi"}),
     ("messages[0]", {"messages": [{"role": "user", "content": 5}]}),
-    ("tools", {"tools": [{"type": "function"}]}),
+    ("tools[0]", {"tools": [{"type": "function"}]}),
+    ("tools[0]", {"tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+    ("tool_choice", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}),
+    (
+        "tool_choice",
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+    ),
+    (
+        "messages[1]",
+        {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "1", "tool_call_id": "nope"}]},
+    ),
+    (
+        "messages[0].tool_calls[0]",
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{bad"}}],
+                }
+            ]
+        },
+    ),
+    ("reasoning_effort", {"reasoning_effort": "extreme"}),
     ("tool_choice", {"tool_choice": "auto"}),
     ("response_format", {"response_format": {"type": "yaml"}}),
     ("top_logprobs", {"top_logprobs": 3}),

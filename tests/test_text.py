@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from dgemma.chat import Delta
 from dgemma.generate import Pipeline
 from dgemma.text import TextStream
 
@@ -16,9 +17,14 @@ class CharTokenizer:
     def __init__(self):
         self.calls = 0
 
+    special_ids = frozenset(range(32))
+
     def decode(self, ids, skip_special=True):
         self.calls += len(ids)
         return "".join(chr(i) if i >= 32 else ("" if skip_special else f"<{i}>") for i in ids)
+
+    def id_of(self, token):
+        return int(token[1:-1]) if token.startswith("<") and token[1:-1].isdigit() else None
 
 
 @pytest.mark.parametrize(
@@ -73,24 +79,27 @@ def test_decoding_is_incremental():
 
 
 class Recorder:
-    """A parser that sees raw text (markers included) and shows upper case without them."""
+    """A parser that sees raw text (its marker <5> included, other specials not) and shows upper case."""
+
+    markers = ("<5>",)
 
     def __init__(self):
         self.raw = ""
 
     def feed(self, raw):
         self.raw += raw
-        return raw.replace("<5>", "").upper()
+        return Delta(content=raw.replace("<5>", "").upper(), reasoning="r" * raw.count("<5>"))
 
     def finish(self):
-        return "!"
+        return Delta(content="!")
 
 
-def test_parser_sees_special_markers_users_do_not():
+def test_parser_sees_its_markers_users_do_not():
     rec = Recorder()
     ct = TextStream(CharTokenizer(), parser=rec)
-    assert ct.push([ord("a"), 5, ord("b")]) == "AB"
-    assert ct.push([], "stop") == "!" and rec.raw == "a<5>b" and ct.text == "AB!"
+    d = ct.push_delta([ord("a"), 5, 6, ord("b")])
+    assert d.content == "AB" and d.reasoning == "r"
+    assert ct.push([], "stop") == "!" and rec.raw == "a<5>b" and ct.text == "AB!" and ct.reasoning == "r"
     plain = TextStream(CharTokenizer())
     assert plain.push([ord("a"), 5, ord("b")]) == "ab"  # without a parser, special tokens are decoded away
 

@@ -109,14 +109,11 @@ def save_model(
             "eos_token": "<eos>",
             "pad_token": "<pad>",
             "unk_token": "<unk>",
-            "chat_template": CHAT_TEMPLATE,
         }
         (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
     return out
 
 
-# Gemma-4 style turns (spec e); the bundled model is not chat-tuned, so the template only frames the text.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
-)
+# Gemma 4's chat protocol (turns, thinking, tool declarations, calls and results): see the file's header.
+CHAT_TEMPLATE = Path(__file__).parent / "bundled" / "chat_template.jinja"

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from starlette.concurrency import run_in_threadpool
 
 from .config import ConfigError
+from .chat import ChatParser
 from .engine import EngineClosed, Failed, Finished, Job, QueueFull
 from .generate import CanvasEvent, Request, Settle, SettleEvent, StepEvent
 from .infill import InfillCandidate, choose_infill, drop_moved_space, infill_lengths
@@ -74,6 +75,10 @@ class Params:
     fill_lengths: list[int] | None = None  # infill candidates (default: spread up to max_tokens)
     fill_hint: int | None = None  # an edit's old span length in tokens
     fill_space: bool = False  # the prompt's trailing space was moved into the fill (generate.move_space)
+    parse: bool = False  # chat: split the output into content, reasoning and tool calls (chat.ChatParser)
+    tools: list[dict] | None = None  # declared tools (validated): their calls are parsed
+    force_tool: bool = False  # tool_choice "required" or named: the output is a pinned call (always parses)
+    force_name: str | None = None  # the named function (None with force_tool: any declared one)
 
 
 @dataclasses.dataclass
@@ -91,6 +96,8 @@ class Plan:
     draft: bool
     preview: int = 0  # infill: the candidate whose drafts are streamed
     fill_space: bool = False
+    parse: bool = False  # chat output parsing (content / reasoning / tool calls)
+    tools: bool = False  # tool calls are parsed
 
 
 class Inbox:
@@ -185,12 +192,39 @@ class Frontend:
         draft = p.include_draft and p.stream
         base = settings.override(max_new_tokens=max_tokens)
         choices = [[Request(tuple(ids), base, s, stop, layout, settle, draft)] for s in seeds]
-        return Plan(choices, None, len(ids), max_tokens, stop, seeds, p.stream, p.include_usage, draft)
+        tools = bool(p.tools) and p.parse
+        return Plan(
+            choices,
+            None,
+            len(ids),
+            max_tokens,
+            stop,
+            seeds,
+            p.stream,
+            p.include_usage,
+            draft,
+            parse=p.parse,
+            tools=tools,
+        )
 
     async def _structured(self, p: Params, settings, prompt_len: int):
-        """(layout, exact token budget) of the compiled response_format, or None for plain text."""
-        from .structured import UnsupportedSchema
+        """(layout, exact token budget) of the compiled response_format or forced tool call, or None for text."""
+        from .structured import UnsupportedSchema, tool_call_layout
 
+        if p.force_tool:
+            if p.response_format not in (None, {"type": "text"}):
+                raise bad("response_format cannot be combined with a forced tool call", "response_format")
+            if p.stop:
+                raise bad("stop strings cannot be combined with a forced tool call (they could cut it)", "stop")
+            try:
+                out = await run_in_threadpool(
+                    tool_call_layout, p.tools, p.force_name, self.tokenizer, self.canvas, self.vocab, settings
+                )
+            except UnsupportedSchema as e:
+                raise APIError(400, f"tool parameters: {e}", "tools", "unsupported_schema") from None
+            except ValueError as e:
+                raise bad(f"tool parameters: {e}", "tools") from None
+            return self._fits(p, out, prompt_len, "tool_choice")
         if p.response_format is None or p.response_format == {"type": "text"}:
             return None
         if p.suffix is not None:
@@ -207,17 +241,14 @@ class Frontend:
             raise bad(str(e), "response_format") from None
         if out is None:
             return None
+        return self._fits(p, out, prompt_len, "response_format")
+
+    def _fits(self, p: Params, out: tuple, prompt_len: int, what: str) -> tuple:
         if p.max_tokens is not None and p.max_tokens < out[1]:
-            raise bad(
-                f"max_tokens={p.max_tokens} is too small for this response_format: it needs {out[1]} tokens",
-                "max_tokens",
-            )
+            raise bad(f"max_tokens={p.max_tokens} is too small for this {what}: it needs {out[1]} tokens", "max_tokens")
         if self.max_tokens_cap is not None and out[1] > self.max_tokens_cap:
-            raise bad(
-                f"this response_format needs {out[1]} tokens; the server caps max_tokens at {self.max_tokens_cap}",
-                "response_format",
-            )
-        self._check_context(prompt_len, out[1], "response_format")
+            raise bad(f"this {what} needs {out[1]} tokens; the server caps max_tokens at {self.max_tokens_cap}", what)
+        self._check_context(prompt_len, out[1], what)
         return out
 
     async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:
@@ -308,11 +339,13 @@ class Frontend:
 
     def _text(self, plan: Plan) -> TextStream:
         eos = plan.choices[0][0].settings.eos_token_ids
-        return TextStream(self.tokenizer, plan.stop, plan.max_tokens, eos)
+        parser = ChatParser(tools=plan.tools) if plan.parse else None
+        return TextStream(self.tokenizer, plan.stop, plan.max_tokens, eos, parser)
 
     async def events(self, plan: Plan, jobs: list[Job], inbox: Inbox) -> AsyncIterator[tuple]:
-        """(kind, choice, payload) until every choice has finished: ("text", i, delta), ("draft", i, StepEvent),
-        ("done", i, stats), or ("error", -1, message); stops early when the client went away."""
+        """(kind, choice, payload) until every choice has finished: ("text", i, content delta), ("reasoning", i,
+        delta), ("tool_call", i, chat.ToolCall), ("draft", i, StepEvent), ("done", i, stats), or ("error", -1,
+        message); stops early when the client went away."""
         width = len(plan.choices[0])
         texts = [self._text(plan) for _ in plan.choices]
         finished: dict[int, Finished] = {}
@@ -341,13 +374,17 @@ class Frontend:
                 continue
             text = texts[i]
             if isinstance(ev, SettleEvent):
-                delta = text.push(ev.token_ids)
+                delta = text.push_delta(ev.token_ids)
             elif isinstance(ev, CanvasEvent):
-                delta = text.push(ev.new_ids)
+                delta = text.push_delta(ev.new_ids)
             else:
-                delta = text.push([], ev.finish_reason)
-            if delta:
-                yield "text", i, delta
+                delta = text.push_delta([], ev.finish_reason)
+            if delta.reasoning:
+                yield "reasoning", i, delta.reasoning
+            if delta.content:
+                yield "text", i, delta.content
+            for call in delta.tool_calls:
+                yield "tool_call", i, call
             if text.finished:
                 pending.discard(i)
                 self.cancel([jobs[j]])  # stop string or token cap: drop remaining work
@@ -374,10 +411,15 @@ class Frontend:
             commit = job.first_commit and job.first_commit - job.submitted
         else:
             first, commit = fin.first_token_s, fin.first_commit_s
+        reason = text.finish_reason
+        if text.tool_calls and reason == "stop":
+            reason = "tool_calls"
         return {
-            "finish_reason": text.finish_reason,
+            "finish_reason": reason,
             "completion_tokens": len(text.ids),
             "text": text.text,
+            "reasoning": text.reasoning,
+            "tool_calls": text.tool_calls,
             "dgemma": {
                 "seed": plan.seeds[i],
                 "steps_per_canvas": steps,

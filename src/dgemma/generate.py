@@ -465,13 +465,17 @@ class Pipeline:
         prompt_ids: list[int] | None = None,
         chat: bool = False,
         messages: list[dict] | None = None,
+        tools: list[dict] | None = None,
+        **template_kwargs,
     ) -> list[int]:
-        """Token ids for a text prompt (with BOS), a chat (checkpoint template), or ids used exactly as given."""
+        """Token ids for a text prompt (with BOS), a chat (checkpoint template, with `tools` and template flags such
+        as `enable_thinking`), or ids used exactly as given."""
         if prompt_ids is not None:
             return list(prompt_ids)
         tok = self._need_tokenizer()
         if messages is not None or chat:
-            return tok.apply_chat_template(messages or [{"role": "user", "content": prompt or ""}])
+            messages = messages or [{"role": "user", "content": prompt or ""}]
+            return tok.apply_chat_template(messages, tools=tools, **template_kwargs)
         return tok.encode(prompt or "", add_bos=True)
 
     def request(

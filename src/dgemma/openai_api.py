@@ -12,6 +12,7 @@ Extensions (all optional): the diffusion knobs as body fields (`steps`, `entropy
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import time
@@ -27,6 +28,7 @@ from .asgi import EventStream
 from .config import ConfigError, GenerationSettings
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
 from .generate import StepEvent
+from .chat import NAME, ToolCall
 from .infill import line_span, move_space, parse_range
 
 KNOBS = tuple(f.name for f in GenerationSettings.knobs(per_request=True))  # each is a GenerationFields field
@@ -84,12 +86,27 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: Any = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # a past turn's thinking: dropped (history is shown without it)
 
 
 class ChatRequest(GenerationFields):
@@ -98,8 +115,9 @@ class ChatRequest(GenerationFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: Any = None
@@ -129,15 +147,13 @@ def _unsupported(body: GenerationFields) -> None:
         ("frequency_penalty", lambda v: v in (None, 0), "penalties are not supported"),
         ("logit_bias", lambda v: not v, "logit_bias is not supported"),
         ("chat_template", lambda v: False, "the checkpoint's own chat template is always used"),
-        ("chat_template_kwargs", lambda v: False, "the checkpoint's own chat template is always used"),
+        ("chat_template_kwargs", lambda v: isinstance(body, ChatRequest), "it applies to chat completions only"),
         ("echo", lambda v: not v, "echo is not supported"),
         ("best_of", lambda v: v in (None, 1), "best_of is not supported"),
         ("logprobs", lambda v: v in (None, False), "logprobs are not supported"),
         ("top_logprobs", lambda v: v is None, "logprobs are not supported"),
-        ("tools", lambda v: not v, "tools are not supported"),
-        ("tool_choice", lambda v: v in (None, "none"), "tools are not supported"),
-        ("functions", lambda v: not v, "function calling is not supported"),
-        ("function_call", lambda v: v in (None, "none"), "function calling is not supported"),
+        ("functions", lambda v: not v, "the legacy functions field is not supported; use tools"),
+        ("function_call", lambda v: v in (None, "none"), "the legacy function_call field is not supported; use tools"),
         ("parallel_tool_calls", lambda v: True, ""),
         ("audio", lambda v: v is None, "audio output is not supported"),
         ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
@@ -196,24 +212,127 @@ def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[
     return (lambda: list(prompt)), False
 
 
-def chat_prompt(fe: Frontend, body: ChatRequest) -> Callable[[], list[int]]:
+THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
+
+
+def chat_prompt(fe: Frontend, body: ChatRequest) -> tuple[Callable[[], list[int]], dict]:
+    """The prompt's tokenizer thunk and the chat fields of Params (parse, tools, forced call)."""
     if not body.messages:
         raise bad("messages must not be empty", "messages")
-    messages = []
+    tools = check_tools(body.tools) if body.tools else None
+    force, name = tool_choice(body.tool_choice, tools)
+    messages, names = [], {}
     for i, m in enumerate(body.messages):
         param = f"messages[{i}]"
         role = {"developer": "system"}.get(m.role, m.role)
-        if role not in ("system", "user", "assistant") or m.tool_calls is not None:
-            raise bad(f"{param}: role must be system, user or assistant (no tools)", param)
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{param}: role must be system, developer, user, assistant or tool", param)
         content = m.content if isinstance(m.content, str) else None
         if isinstance(m.content, list):
             if any(p.type != "text" or p.text is None for p in m.content):
                 raise bad(f"{param}: only text content parts are supported", param)
             content = "".join(p.text for p in m.content)
-        if content is None:
+        msg = {"role": role, "content": None if content is None else check_text(content, param)}
+        if m.tool_calls:
+            if role != "assistant":
+                raise bad(f"{param}: only assistant messages carry tool_calls", param)
+            msg["tool_calls"] = [_call_in(c, f"{param}.tool_calls[{k}]") for k, c in enumerate(m.tool_calls)]
+            names.update({c.id: c.function.name for c in m.tool_calls if c.id})
+        if role == "tool":
+            name = m.name or names.get(m.tool_call_id)
+            if name is None:
+                raise bad(f"{param}: a tool message needs a tool_call_id of an earlier call (or a name)", param)
+            msg["name"] = name
+        if msg["content"] is None and not msg.get("tool_calls"):
             raise bad(f"{param}: content must be a string", param)
-        messages.append({"role": role, "content": check_text(content, param)})
-    return lambda: fe.pipeline.prompt_ids(messages=messages)
+        messages.append(msg)
+    kwargs = template_kwargs(body)
+    if body.tool_choice == "none":  # the model is not told about the tools, and a call would stay text
+        tools = None
+
+    def prompt() -> list[int]:
+        try:
+            return fe.pipeline.prompt_ids(messages=messages, tools=tools, **kwargs)
+        except ConfigError as e:
+            raise bad(str(e), "messages") from None
+
+    return prompt, {"parse": True, "tools": tools, "force_tool": force, "force_name": name}
+
+
+def check_tools(tools: list[dict]) -> list[dict]:
+    """OpenAI's function tools, validated: unique names of letters, digits, _ - . : (Gemma's call syntax)."""
+    out, seen = [], set()
+    for k, t in enumerate(tools):
+        param = f"tools[{k}]"
+        fn = t.get("function")
+        if t.get("type") != "function" or not isinstance(fn, dict):
+            raise bad(f'{param}: only {{"type": "function", "function": {{...}}}} tools are supported', param)
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name) or len(name) > 128:
+            raise bad(f"{param}: function.name must match {NAME.pattern} (at most 128 characters)", param)
+        if name in seen:
+            raise bad(f"{param}: duplicate function name {name!r}", param)
+        seen.add(name)
+        description, parameters = fn.get("description", ""), fn.get("parameters", {"type": "object"})
+        if not isinstance(description, str) or not isinstance(parameters, dict):
+            raise bad(f"{param}: description must be a string and parameters an object", param)
+        check_text(description, param)
+        out.append(
+            {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+        )
+    return out
+
+
+def tool_choice(choice, tools: list[dict] | None) -> tuple[bool, str | None]:
+    """(forced, name) for OpenAI's tool_choice: "auto"/"none"/None -> not forced; "required" -> any tool; a named
+    function -> that one."""
+    if choice in (None, "none"):
+        return False, None
+    if not tools:
+        raise bad("tool_choice is only allowed when tools are given", "tool_choice")
+    if choice == "auto":
+        return False, None
+    if choice == "required":
+        return True, None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in {t["function"]["name"] for t in tools}:
+            raise bad(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+        return True, name
+    raise bad(
+        'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+        "tool_choice",
+    )
+
+
+def _call_in(call: ToolCallIn, param: str) -> dict:
+    args = call.function.arguments
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise bad(f"{param}: function.arguments is not valid JSON", param) from None
+    if not isinstance(args, dict):
+        raise bad(f"{param}: function.arguments must be a JSON object", param)
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": args}}
+
+
+def template_kwargs(body: ChatRequest) -> dict:
+    """Template flags: chat_template_kwargs (JSON values), with reasoning_effort turning thinking on or off."""
+    kwargs = body.chat_template_kwargs
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise bad("chat_template_kwargs must be an object of named values", "chat_template_kwargs")
+    reserved = kwargs.keys() & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+    if reserved:
+        raise bad(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
+    kwargs = dict(kwargs)
+    if body.reasoning_effort is not None:
+        if body.reasoning_effort not in THINKING_EFFORTS:
+            raise bad(f"reasoning_effort must be one of {sorted(THINKING_EFFORTS)}", "reasoning_effort")
+        kwargs.setdefault("enable_thinking", THINKING_EFFORTS[body.reasoning_effort])
+    return kwargs
 
 
 def edit_params(fe: Frontend, body: EditRequest) -> tuple[Params, int, int]:
@@ -303,11 +422,26 @@ async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kin
     choices = []
     for i in sorted(done):
         d = done[i]
-        out = {"message": {"role": "assistant", "content": d["text"]}} if kind == "chat" else {"text": d["text"]}
+        out = {"message": chat_message(d)} if kind == "chat" else {"text": d["text"]}
         choices.append(
             {"index": i, **out, "logprobs": None, "finish_reason": d["finish_reason"], "dgemma": d["dgemma"]}
         )
     return JSONResponse({**head, "choices": choices, "usage": usage})
+
+
+def chat_message(d: dict) -> dict:
+    """The assistant message of a finished chat choice: content, reasoning_content, tool_calls."""
+    msg = {"role": "assistant", "content": d["text"] if d["text"] or not d["tool_calls"] else None}
+    if d["reasoning"]:
+        msg["reasoning_content"] = d["reasoning"]
+    if d["tool_calls"]:
+        msg["tool_calls"] = [_call_out(c) for c in d["tool_calls"]]
+    return msg
+
+
+def _call_out(call: ToolCall, index: int | None = None) -> dict:
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+    return out if index is None else {"index": index, **out}
 
 
 async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: str, edit) -> AsyncIterator[str]:
@@ -315,9 +449,10 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
     head = {**head, "object": {"chat": "chat.completion.chunk", "text": "text_completion", "edit": "edit.chunk"}[kind]}
     extra = {"usage": None} if plan.include_usage else {}
 
-    def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False, **more) -> str:
+    def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False, delta=None, **more) -> str:
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish, **more}
         else:
             choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish, **more}
@@ -326,9 +461,14 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
     if chat:
         for i in range(len(plan.choices)):
             yield chunk(i, None, role=True)
-    total, replacement = 0, ""
+    total, replacement, calls = 0, "", collections.Counter()
     async for what, i, payload in fe.events(plan, jobs, inbox):
-        if what == "text":
+        if what == "reasoning":
+            yield chunk(i, None, delta={"reasoning_content": payload})
+        elif what == "tool_call":
+            yield chunk(i, None, delta={"tool_calls": [_call_out(payload, calls[i])]})
+            calls[i] += 1
+        elif what == "text":
             replacement += payload
             if kind != "edit":
                 yield chunk(i, payload)

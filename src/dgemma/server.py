@@ -141,7 +141,8 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oa.ChatRequest, request: Request):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        p = oa.params(srv, body, oa.chat_prompt(srv, body), max_tokens)
+        prompt, chat = oa.chat_prompt(srv, body)
+        p = oa.params(srv, body, prompt, max_tokens, **chat)
         return await oa.respond(srv, await srv.plan(p), request, "chat")
 
     @app.post("/v1/edits")

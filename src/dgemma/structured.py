@@ -1086,6 +1086,17 @@ class _Builder:
         self._spend(size, path)
         self.items.append((tdfa, size, path))
 
+    def pin_ids(self, ids: list[int], path: str) -> None:
+        self._spend(len(ids), path)
+        self.items.append(list(ids))
+
+    def pin_marker(self, marker: str, path: str) -> None:
+        """A protocol marker: its control token when the tokenizer has one, else its text."""
+        i = self.tokenizer.id_of(marker)
+        if i is not None and i in self.tokenizer.special_ids:
+            return self.pin_ids([i], path)
+        self.pin(marker, path)
+
     def free_object(self) -> None:
         tdfa = _token_dfa(self.vocab, "json_object", _flat_object_rx())
         self.items.append((tdfa, max(1, min(JSON_OBJECT_TOKENS, self.C - 1)), "$"))
@@ -1556,6 +1567,32 @@ def compile_response_format(response_format: dict, tokenizer, canvas_length: int
     return b.layout(eos_id)
 
 
+def compile_tool_call(tools: list[dict], name: str | None, tokenizer, canvas_length: int, eos_id: int) -> JsonTemplate:
+    """A forced Gemma 4 tool call, `<|tool_call>call:NAME{...}<tool_call|>` then EOS, with JSON arguments (which
+    `chat.parse_arguments` reads as well as Gemma's own syntax). `name` given: that function, its arguments
+    compiled from its `parameters` schema like a response_format; None ("required"): the name is a slot limited
+    to the declared names and the arguments a free flat JSON object."""
+    from .chat import CALL_CLOSE, CALL_OPEN
+
+    if tokenizer is None:
+        raise ValueError("tool calls need the checkpoint's tokenizer.json")
+    by_name = {t["function"]["name"]: t["function"] for t in tools}
+    b = _Builder(None, tokenizer, _vocab(tokenizer), canvas_length)
+    b.pin_marker(CALL_OPEN, "$")
+    b.pin("call:", "$")
+    if name is not None:
+        schema = by_name[name].get("parameters") or {"type": "object", "properties": {}}
+        _check_against_metaschema(schema)
+        b.root = schema
+        b.pin(name, "$")
+        _emit(b, schema, "$", frozenset({"#"}), 0)
+    else:
+        b.slot(_Scalar(literals=frozenset(n.encode() for n in by_name)), "$.name")
+        b.free_object()
+    b.pin_marker(CALL_CLOSE, "$")
+    return b.layout(eos_id)
+
+
 def _schema_of(response_format):
     """The schema to compile, "json_object", or None for text."""
     if not isinstance(response_format, dict) or response_format.get("type") not in (
@@ -1612,6 +1649,20 @@ def structured_layout(
     template = compile_response_format(response_format, tokenizer, canvas_length, settings.eos_token_ids[0])
     if template is None:
         return None
+    return _as_layout(template, vocab_size)
+
+
+def tool_call_layout(
+    tools: list[dict], name: str | None, tokenizer, canvas_length: int, vocab_size: int, settings: GenerationSettings
+) -> tuple[Layout, int]:
+    """(layout, exact token budget) of a forced tool call (`compile_tool_call`): OpenAI's tool_choice "required"
+    (name None) or a named function. The call always parses."""
+    if not settings.eos_token_ids:
+        raise ConfigError("tool calls need an EOS token id (generation_config.json eos_token_id)")
+    return _as_layout(compile_tool_call(tools, name, tokenizer, canvas_length, settings.eos_token_ids[0]), vocab_size)
+
+
+def _as_layout(template: JsonTemplate, vocab_size: int) -> tuple[Layout, int]:
     masks = template.masks  # [M, tokenizer vocab]: ids the tokenizer does not know are never allowed
     known = masks.shape[1]
     masks = torch.cat([masks, masks.new_zeros(masks.shape[0], vocab_size - known)], dim=1)

@@ -6,9 +6,11 @@ costs O(n), and a multi-byte character split across tokens is held back until it
 token budget (never more new tokens than asked, finish_reason "length") and EOS, and cuts at stop strings (a tail
 that could still become a stop string is held back until it resolves, so sent text is never retracted).
 
-Special tokens: without a parser they are decoded away (users never see `<eos>`); with a parser the raw text,
-special markers included, goes to `OutputParser.feed`, which returns what the user may see. This module knows no
-torch, no model and no HTTP.
+Special tokens: without a parser they are decoded away (users never see `<eos>`). With a parser
+(`chat.ChatParser`), the special tokens whose text is one of `parser.markers` are kept in the raw text (every other
+special token is still dropped) and `OutputParser.feed` splits it into a `chat.Delta`: content, reasoning, tool
+calls. Stop strings and the held-back tail apply to the content only. This module knows no torch, no model and no
+HTTP.
 """
 
 from __future__ import annotations
@@ -16,21 +18,25 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from .chat import Delta
+
 
 class OutputParser(Protocol):
-    """Turns raw decoded text (special markers included) into user-visible text, incrementally."""
+    """Turns raw decoded text (its `markers` included) into content, reasoning and tool calls, incrementally."""
 
-    def feed(self, raw: str) -> str:
-        """Consume the next raw text; return visible text that can no longer change (may hold some back)."""
+    markers: tuple[str, ...]  # special-token texts the parser must see in the raw text
 
-    def finish(self) -> str:
+    def feed(self, raw: str) -> Delta:
+        """Consume the next raw text; return what can no longer change (may hold some back)."""
+
+    def finish(self) -> Delta:
         """The end of the output: return whatever was held back."""
 
 
 class TextStream:
-    """One output's text. `push(ids)` appends tokens and returns the newly visible text; `finish_reason` is set
-    once the output ended: "stop" (EOS or a stop string) or "length" (budget), or whatever `push(final=reason)`
-    gave."""
+    """One output's text. `push(ids)` appends tokens and returns the newly visible content (`push_delta`: the whole
+    `Delta`, with reasoning and tool calls when a parser is set); `finish_reason` is set once the output ended:
+    "stop" (EOS or a stop string) or "length" (budget), or whatever `push(final=reason)` gave."""
 
     def __init__(
         self,
@@ -43,19 +49,29 @@ class TextStream:
         self.tokenizer, self.stop, self.max_tokens = tokenizer, [s for s in stop if s], max_tokens
         self.eos, self.parser = set(eos_ids), parser
         self.ids: list[int] = []
-        self.text = ""  # visible text sent so far
+        self.text = ""  # visible content sent so far
+        self.reasoning = ""  # reasoning sent so far (with a parser)
+        self.tool_calls: list = []  # tool calls parsed so far (with a parser)
         self.finish_reason: str | None = None
         self._prefix = self._read = 0  # decode window: ids[_prefix:_read] is already turned into text
         self._held = ""  # visible text withheld: it may be the start of a stop string
+        self._drop: frozenset[int] = frozenset()  # special ids decoded away even with a parser
+        if parser is not None and tokenizer is not None:
+            keep = {tokenizer.id_of(m) for m in parser.markers}
+            self._drop = frozenset(tokenizer.special_ids - keep)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def push(self, ids: Iterable[int], final: str | None = None) -> str:
-        """Append output tokens; `final`: the generation ended with this reason. Returns the new visible text."""
+        """Append output tokens; `final`: the generation ended with this reason. Returns the new visible content."""
+        return self.push_delta(ids, final).content
+
+    def push_delta(self, ids: Iterable[int], final: str | None = None) -> Delta:
+        """`push`, returning content, reasoning and tool calls."""
         if self.finished:
-            return ""
+            return Delta()
         ids = list(ids)
         if (cut := next((i + 1 for i, t in enumerate(ids) if t in self.eos), None)) is not None:
             ids, final = ids[:cut], "stop"
@@ -64,10 +80,16 @@ class TextStream:
             final = final or "length"
         self.ids += ids
         raw = self._decode(final is not None)
-        visible = raw if self.parser is None else self.parser.feed(raw)
-        if final is not None and self.parser is not None:
-            visible += self.parser.finish()
-        return self._emit(self._held + visible, final)
+        if self.parser is None:
+            delta = Delta(content=raw)
+        else:
+            delta = self.parser.feed(raw)
+            if final is not None:
+                delta += self.parser.finish()
+        delta.content = self._emit(self._held + delta.content, final)
+        self.reasoning += delta.reasoning
+        self.tool_calls += delta.tool_calls
+        return delta
 
     def _decode(self, final: bool) -> str:
         """Text of the tokens since the last stable point (vLLM-style prefix/read offsets: decoders that strip a
@@ -75,8 +97,12 @@ class TextStream:
         if self.tokenizer is None or self._read == len(self.ids):
             return ""
         skip = self.parser is None
-        before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special=skip)
-        after = self.tokenizer.decode(self.ids[self._prefix :], skip_special=skip)
+        window = self.ids[self._prefix :] if skip else [t for t in self.ids[self._prefix :] if t not in self._drop]
+        stable = self._read - self._prefix
+        if not skip:
+            stable = sum(t not in self._drop for t in self.ids[self._prefix : self._read])
+        before = self.tokenizer.decode(window[:stable], skip_special=skip)
+        after = self.tokenizer.decode(window, skip_special=skip)
         if not final and after.endswith("\ufffd"):
             return ""  # a multi-byte character continues in the next tokens
         self._prefix, self._read = self._read, len(self.ids)

@@ -80,25 +80,46 @@ class Tokenizer:
             self._special = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
         return self._special
 
+    def id_of(self, token: str) -> int | None:
+        """The id of a token given by its text (special tokens included), or None."""
+        return self.tok.token_to_id(token)
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render messages with the checkpoint's own template; contents are encoded as plain text."""
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **kwargs,
+    ) -> list[int]:
+        """Render messages with the checkpoint's own template (Hugging Face's conventions: `tools` as
+        [{"type": "function", "function": {...}}], assistant `tool_calls` with dict arguments, `tool` messages,
+        template flags such as `enable_thinking` in kwargs). Message contents are encoded as plain text, so text
+        that spells a control token (a user's, or a tool result's) never becomes one; past thinking is stripped."""
         if self._template is None:
             raise ConfigError("this checkpoint has no chat template; use a plain prompt")
-        _check_messages(messages)
+        messages = check_messages(messages)
+        if tools is not None:
+            check_tools(tools)
+        if reserved := sorted(kwargs.keys() & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}):
+            raise ConfigError(f"template arguments {reserved} are set by dgemma")
         markers = [f"\x00msg{i}\x00" for i in range(len(messages))]
-        masked = [{**m, "content": mark} for m, mark in zip(messages, markers)]
+        masked = [{**m, "content": mark} if m.get("content") is not None else m for m, mark in zip(messages, markers)]
         try:
             rendered = self._template.render(
                 messages=masked,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **kwargs,
             )
         except TemplateError as e:
             raise ConfigError(f"chat template failed: {e}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+            raise ConfigError(f"chat template failed: {type(e).__name__}: {e}") from None
         ids: list[int] = []
         for i, mark in enumerate(markers):
             head, sep, rendered = rendered.partition(mark)
@@ -108,12 +129,67 @@ class Tokenizer:
         return ids + self.encode(rendered)
 
 
-def _check_messages(messages) -> None:
+ROLE_NAMES = {"developer": "system", "model": "assistant"}
+
+
+def check_messages(messages) -> list[dict]:
+    """Validated copies of chat messages in the template's shape: roles system/user/assistant/tool (developer and
+    model accepted as aliases), string contents (None for an assistant turn that only calls tools), tool calls with
+    dict arguments, tool results with the called function's `name`; assistant contents lose their thinking."""
+    from .chat import strip_thinking
+
     if not isinstance(messages, list) or not messages:
         raise ConfigError("messages must be a non-empty list")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ConfigError(f"each message needs a role in {ROLES} and string content")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in (*ROLES, "developer", "tool"):
+            raise ConfigError(f"messages[{i}] needs a role in {(*ROLES, 'developer', 'tool')}")
+        role = ROLE_NAMES.get(m["role"], m["role"])
+        content, calls = m.get("content"), m.get("tool_calls")
+        if content is None and not (role == "assistant" and calls):
+            raise ConfigError(f"messages[{i}] needs string content")
+        if content is not None and not isinstance(content, str):
+            raise ConfigError(f"messages[{i}]: content must be a string")
+        msg = {"role": role, "content": content}
+        if role == "assistant":
+            if content is not None:
+                msg["content"] = strip_thinking(content)
+            if calls:
+                msg["tool_calls"] = _check_calls(calls, i)
+        elif calls:
+            raise ConfigError(f"messages[{i}]: only assistant messages carry tool_calls")
+        if role == "tool":
+            name = m.get("name")
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"messages[{i}]: a tool message needs the function's name")
+            msg["name"] = name
+            if isinstance(m.get("tool_call_id"), str):
+                msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def _check_calls(calls, i: int) -> list[dict]:
+    if not isinstance(calls, list):
+        raise ConfigError(f"messages[{i}].tool_calls must be a list")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), dict):
+            raise ConfigError(f"messages[{i}].tool_calls: each needs function.name and function.arguments (an object)")
+        out.append({"type": "function", "id": call.get("id"), "function": {"name": fn["name"], **fn}})
+    return out
+
+
+def check_tools(tools) -> None:
+    if not isinstance(tools, list):
+        raise ConfigError("tools must be a list")
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if t.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ConfigError('each tool needs {"type": "function", "function": {"name": ...}}')
+        if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("parameters", {}), dict):
+            raise ConfigError(f"tool {fn['name']!r}: description must be a string and parameters an object")
 
 
 def _read_template(model_dir: Path, cfg: dict) -> str | None:

@@ -64,7 +64,7 @@ def gemma4_tokenizer(vocab_size: int = 640) -> Tokenizer:
 def gemma4_checkpoint(path: Path, canvas_length: int = 16, seed: int = 0, **settings) -> Path:
     tok = gemma4_tokenizer()
     config = tiny_config(canvas_length=canvas_length, vocab_size=tok.get_vocab_size(), max_position_embeddings=1024)
-    settings = {"max_new_tokens": 64, "steps": 6, "eos_token_ids": EOS_IDS, "pad_token_id": 0, **settings}
+    settings = {"max_new_tokens": 256, "steps": 6, "eos_token_ids": EOS_IDS, "pad_token_id": 0, **settings}
     out = save_model(random_model(config, seed), path, GenerationSettings(**settings), tokenizer=tok)
     shutil.copy(CHAT_TEMPLATE, out / "chat_template.jinja")
     return out

@@ -8,6 +8,7 @@ the checkpoint; nothing here touches torch.
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -121,14 +122,15 @@ class Tokenizer:
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
             raise ConfigError(f"chat template failed: {type(e).__name__}: {e}") from None
         ids: list[int] = []
-        for i, mark in enumerate(markers):
-            head, sep, rendered = rendered.partition(mark)
-            ids += self.encode(head)
-            if sep:
-                ids += self.encode(messages[i]["content"], parse_special=False)
-        return ids + self.encode(rendered)
+        for k, part in enumerate(_MARK.split(rendered)):  # text, index, text, index, ..., text
+            if k % 2 == 0:
+                ids += self.encode(part)
+            else:
+                ids += self.encode(messages[int(part)]["content"], parse_special=False)
+        return ids
 
 
+_MARK = re.compile("\x00msg(\\d+)\x00")
 ROLE_NAMES = {"developer": "system", "model": "assistant"}
 
 

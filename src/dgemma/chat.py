@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import secrets
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Delta:
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
 
-    def __iadd__(self, other: Delta) -> Delta:
+    def __iadd__(self, other: Delta) -> Self:
         self.content += other.content
         self.reasoning += other.reasoning
         self.tool_calls += other.tool_calls
@@ -241,7 +242,7 @@ def parse_output(text: str, tools: bool = True) -> Delta:
 
 def strip_thinking(text: str) -> str:
     """A past model turn without its thought channel(s) (the template shows history without thinking)."""
-    return re.sub(re.escape(CHANNEL_OPEN) + r".*?(" + re.escape(CHANNEL_CLOSE) + r"|$)", "", text, flags=re.S)
+    return re.sub(re.escape(CHANNEL_OPEN) + r".*?(" + re.escape(CHANNEL_CLOSE) + r"|$)", "", text, flags=re.DOTALL)
 
 
 class ChatParser:

@@ -169,6 +169,9 @@ class GenerationSettings:
     # not read from generation_config.json: the reference ignores temperature/top_p there (spec d.2); per call only
     temperature: float = _knob(1.0, "non_negative_float", "scales the t_min..t_max schedule; 0: argmax samples")
     top_p: float = _knob(1.0, "positive_float", "nucleus cut of each position's sample (<= 1)")
+    empty_redraws: int = _knob(
+        0, "non_negative_int", "re-draws of a first canvas that starts with EOS (0: off, as the reference)"
+    )
     pad_token_id: int | None = None
 
     @classmethod
@@ -180,6 +183,7 @@ class GenerationSettings:
         _check_int(self.max_new_tokens, "max_new_tokens", 1)
         _check_int(self.steps, "steps", 1)
         _check_int(self.stability_threshold, "stability_threshold", 0)
+        _check_int(self.empty_redraws, "empty_redraws", 0)
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

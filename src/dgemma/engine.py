@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from .cache import PrefixCache
 from .generate import CanvasEvent, Generation, Request, SettleEvent, denoise_step
 from .model import DiffusionGemma
 
@@ -46,6 +47,8 @@ class Finished:
     total_s: float
     seam_nll: float | None  # Generation.seam_nll (infill scoring)
     free_entropy: list[float]
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    empty_redraws: int = 0  # first canvases drawn again (empty-reply guard)
 
 
 @dataclasses.dataclass
@@ -71,10 +74,20 @@ class Job:
 class Engine:
     """The worker thread and its queue. `submit`, `cancel` and `stats` may be called from any thread."""
 
-    def __init__(self, model: DiffusionGemma, max_batch: int = 8, max_queue: int = 64, workers: int = 1):
+    def __init__(
+        self,
+        model: DiffusionGemma,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        workers: int = 1,
+        prefix_cache: PrefixCache | None = None,
+    ):
         if max_batch < 1 or max_queue < 1 or workers < 1:
             raise ValueError(f"max_batch, max_queue and workers must be >= 1, got {max_batch}, {max_queue}, {workers}")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        # prompts are always encoded in blocks through a prefix cache (one that keeps nothing when off), so seeded
+        # outputs do not depend on whether reuse is on
+        self.prefix_cache = prefix_cache or PrefixCache(0, model.config.canvas_length)
         # workers > 1: a step's batch is split into that many groups run side by side (for CPUs with one torch
         # thread per worker); batch invariance makes the split invisible in the results
         self.workers = workers
@@ -135,6 +148,7 @@ class Engine:
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
             "busy_s": round(time.monotonic() - self.busy_since, 3) if busy else 0.0,
+            "prefix_cache": self.prefix_cache.stats(),
             **self.counters,
         }
 
@@ -194,7 +208,7 @@ class Engine:
         job.admitted = time.perf_counter()
         try:
             job.gen = Generation(self.model, job.request)
-            job.gen.prefill()
+            job.gen.prefill(self.prefix_cache)
         except Exception as e:  # a bad request must not take the worker down
             log.exception("prefill failed")
             job.gen = None
@@ -262,5 +276,7 @@ class Engine:
                     time.perf_counter() - t0,
                     gen.seam_nll,
                     gen.free_entropy,
+                    gen.cached_tokens,
+                    gen.redraws,
                 )
             )

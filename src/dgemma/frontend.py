@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from .config import ConfigError
 from .chat import ChatParser
+from .config import ConfigError
 from .engine import EngineClosed, Failed, Finished, Job, QueueFull
 from .generate import CanvasEvent, Request, Settle, SettleEvent, StepEvent
 from .infill import InfillCandidate, choose_infill, drop_moved_space, infill_lengths
@@ -411,6 +411,8 @@ class Frontend:
             commit = job.first_commit and job.first_commit - job.submitted
         else:
             first, commit = fin.first_token_s, fin.first_commit_s
+        cached = fin.cached_tokens if fin else gen.cached_tokens if gen else 0
+        redraws = fin.empty_redraws if fin else gen.redraws if gen else 0
         reason = text.finish_reason
         if text.tool_calls and reason == "stop":
             reason = "tool_calls"
@@ -427,6 +429,8 @@ class Frontend:
                 "tokens_per_forward": round(len(text.ids) / max(passes, 1), 4),
                 "first_token_s": first and round(first, 4),
                 "first_commit_s": commit and round(commit, 4),
+                "cached_tokens": cached,
+                **({"empty_redraws": redraws} if redraws else {}),
                 **extra,
             },
         }
@@ -436,9 +440,14 @@ class Frontend:
             p = self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special=False)
         return p
 
-    def usage(self, plan: Plan, completion_tokens: int) -> dict:
+    def usage(self, plan: Plan, completion_tokens: int, cached_tokens: int = 0) -> dict:
         p = plan.prompt_tokens
-        return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": completion_tokens,
+            "total_tokens": p + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        }
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

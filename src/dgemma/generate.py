@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import stack_caches
+from .cache import PrefixCache, stack_caches
+from .chat import Delta
 from .config import ConfigError, GenerationSettings
 from .infill import (
     EditResult,
@@ -43,7 +44,7 @@ from .infill import (
 from .loader import TORCH_DTYPES, load_generation_settings, load_model, resolve_model_dir
 from .model import INVARIANT_ROWS, DiffusionGemma
 from .runtime import tune_allocator
-from .sampler import CanvasSampler, CanvasScores, Layout, StepResult, make_generators, score_canvas
+from .sampler import CanvasSampler, CanvasScores, Layout, Pins, StepResult, make_generators, score_canvas
 from .structured import structured_layout
 from .text import TextStream
 from .tokenizer import Tokenizer
@@ -105,6 +106,7 @@ class SettleEvent:
     canvas_index: int
     token_ids: list[int]
     text: str = ""  # set by the text layer
+    delta: Delta | None = None  # set by the text layer: content, reasoning and tool calls
 
 
 @dataclasses.dataclass
@@ -117,6 +119,7 @@ class CanvasEvent:
     steps: int
     finished: bool
     text: str = ""  # set by the text layer: the text delta this commit released
+    delta: Delta | None = None  # set by the text layer: content, reasoning and tool calls
 
 
 @dataclasses.dataclass
@@ -131,6 +134,8 @@ class GenerationResult:
     denoise_s: float
     total_s: float
     seed: int | None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    empty_redraws: int = 0  # first canvases drawn again by the empty-reply guard
 
     @property
     def tokens_per_forward(self) -> float:
@@ -183,6 +188,9 @@ class Generation:
         self.seam_nll: float | None = None  # layout.probe's score
         self.free_entropy: list[float] = []  # per committed canvas: final mean entropy of its free positions
         self.prefill_s = self.denoise_s = 0.0
+        self.cached_tokens = 0  # prompt tokens reused from a prefix cache
+        self.redraws = 0  # empty-reply guard: first canvases drawn again
+        self.steps_per_canvas_redrawn: list[int] = []
         self._runs: list[int] = []
         self._prev: list[int] | None = None
 
@@ -198,18 +206,56 @@ class Generation:
     def canvas_index(self) -> int:
         return len(self.steps_per_canvas)
 
-    def prefill(self) -> None:
+    def prefill(self, prefix: PrefixCache | None = None) -> None:
+        """Encode the prompt into this request's cache. With a prefix cache: reuse its longest stored block-aligned
+        prefix, encode the rest block by block (as a cold prefill does, so the result is the same bits) and store
+        the prompt's last full block boundary."""
         t0 = time.perf_counter()
-        self.model.encode(torch.tensor([self.prompt_ids], device=self.device), self.cache)
+        ids = self.prompt_ids
+        if prefix is None:
+            self.model.encode(torch.tensor([ids], device=self.device), self.cache)
+        else:
+            n, cached = prefix.lookup(ids)
+            if cached is not None:
+                self.cache, self.cached_tokens = cached, n
+            block, boundary = prefix.block, len(ids) // prefix.block * prefix.block
+            for start in range(n, len(ids), block):
+                chunk = ids[start : start + block]
+                self.model.encode(torch.tensor([chunk], device=self.device), self.cache)
+                if start + len(chunk) == boundary and boundary > n:
+                    prefix.store(tuple(ids[:boundary]), self.cache)
         self.prefill_s += time.perf_counter() - t0
         self._new_canvas()
 
-    def _new_canvas(self) -> None:
+    def _new_canvas(self, pins: Pins | None = None) -> None:
         c, layout = self.canvas_length, self.request.layout
-        pins = layout.pins(self.canvas_index, c, self.device) if layout is not None else None
+        if pins is None and layout is not None:
+            pins = layout.pins(self.canvas_index, c, self.device)
         v = self.model.text.vocab_size
         self.sampler = CanvasSampler(self.settings, c, v, self.noise_gen, self.sample_gen, self.device, pins)
         self.released, self._runs, self._prev = [], [], None
+
+    def _may_redraw(self) -> bool:
+        """The empty-reply guard applies: first canvas, plain request, re-draws left."""
+        return self.canvas_index == 0 and self.request.layout is None and self.redraws < self.settings.empty_redraws
+
+    def _redraw(self) -> None:
+        """Empty-reply guard: the first canvas committed an EOS at its first position, so it is drawn again with
+        fresh generators seeded `redraw_seed(seed, k)` for re-draw k (unseeded requests: fresh random ones); the last
+        allowed re-draw also bars the EOS ids (and the pad id) from the first position, so the reply cannot be empty."""
+        self.redraws += 1
+        seed = self.request.seed
+        self.noise_gen, self.sample_gen = make_generators(
+            None if seed is None else redraw_seed(seed, self.redraws), self.device
+        )
+        pins = None
+        if self.redraws == self.settings.empty_redraws:
+            allowed = torch.ones(1, self.model.text.vocab_size, dtype=torch.bool)
+            barred = set(self.eos) | ({self.settings.pad_token_id} - {None})
+            allowed[0, [i for i in barred if i < allowed.shape[1]]] = False
+            pins = Pins(self.canvas_length, masks=allowed, mask_at={0: 0}, device=self.device)
+        self.steps_per_canvas_redrawn.append(self.sampler.steps)
+        self._new_canvas(pins)
 
     def sc_probs(self) -> torch.Tensor | None:
         """Self-conditioning probabilities [C, V] (fp32) for the next step; None on a canvas's first step."""
@@ -247,7 +293,10 @@ class Generation:
         if settled:
             events.append(SettleEvent(self.canvas_index, settled))
         if r.done:
-            events.append(self._commit(r))
+            if self._may_redraw() and int(r.argmax[0]) in self.eos:
+                self._redraw()
+            else:
+                events.append(self._commit(r))
         return events
 
     def _settle(self, r: StepResult) -> list[int]:
@@ -260,6 +309,8 @@ class Generation:
         n = len(self.released)
         if n and self.released[-1] in self.eos:
             return []  # the canvas ends here
+        if n == 0 and draft[0] in self.eos and self._may_redraw():
+            return []  # an empty reply is not released: the guard may draw this canvas again
         fixed = pins.fixed.tolist() if pins is not None and pins.count else [False] * len(draft)
         layout = self.request.layout
         chosen_later = layout.mask_at if layout is not None and layout.finalize is not None else {}
@@ -325,6 +376,11 @@ class Generation:
         nll = logits.logsumexp(-1) - logits.gather(-1, truth[..., None])[..., 0]
         self.forward_passes += 1
         return float(nll.mean())
+
+
+def redraw_seed(seed: int, k: int) -> int:
+    """The seed of the empty-reply guard's k-th re-draw of a request seeded `seed` (documented, reproducible)."""
+    return (seed + k * 0x9E3779B97F4A7C15) % 2**63
 
 
 _draw_pool: ThreadPoolExecutor | None = None
@@ -406,10 +462,12 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
     return out
 
 
-def run_batch(model: DiffusionGemma, generations: list[Generation]) -> Iterator[tuple[Generation, list]]:
+def run_batch(
+    model: DiffusionGemma, generations: list[Generation], prefix: PrefixCache | None = None
+) -> Iterator[tuple[Generation, list]]:
     """Prefill and denoise several generations together until all finish, yielding (generation, events)."""
     for g in generations:
-        g.prefill()
+        g.prefill(prefix)
     while live := [g for g in generations if not g.finished]:
         for g, events in zip(live, denoise_step(model, live)):
             yield g, events
@@ -518,22 +576,33 @@ class Pipeline:
         return Request(tuple(ids), settings, seed, tuple(stop), layout, settle, draft)
 
     def stream_generate(
-        self, prompt: str | None = None, *, request: Request | None = None, **kwargs
+        self,
+        prompt: str | None = None,
+        *,
+        request: Request | None = None,
+        prefix_cache: PrefixCache | None = None,
+        parser=None,
+        **kwargs,
     ) -> Iterator[StepEvent | SettleEvent | CanvasEvent | GenerationResult]:
         """Yield a StepEvent per denoising step, SettleEvents (with `settle`), a CanvasEvent per committed canvas
-        (text deltas on both), then the GenerationResult. `request` or the arguments of `Pipeline.request`."""
+        (text deltas on both), then the GenerationResult. `request` or the arguments of `Pipeline.request`.
+        `prefix_cache`: reuse and keep prompt caches (multi-turn chat). `parser`: a `text.OutputParser` (e.g.
+        `chat.ChatParser`); the events' `delta` then carries content, reasoning and tool calls apart."""
         if request is not None and (prompt is not None or kwargs):
             raise ConfigError("give either a request or the arguments to build one, not both")
         request = request or self.request(prompt, draft=True, **kwargs)
         gen = Generation(self.model, request)
-        text = TextStream(self.tokenizer, request.stop, request.max_tokens, request.settings.eos_token_ids)
+        eos = request.settings.eos_token_ids
+        text = TextStream(self.tokenizer, request.stop, request.max_tokens, eos, parser)
         t0 = time.perf_counter()
-        for _, events in run_batch(self.model, [gen]):
+        for _, events in run_batch(self.model, [gen], prefix_cache):
             for event in events:
                 if isinstance(event, SettleEvent):
-                    event.text = text.push(event.token_ids)
+                    event.delta = text.push_delta(event.token_ids)
+                    event.text = event.delta.content
                 elif isinstance(event, CanvasEvent):
-                    event.text = text.push(event.new_ids, gen.finish_reason if event.finished else None)
+                    event.delta = text.push_delta(event.new_ids, gen.finish_reason if event.finished else None)
+                    event.text = event.delta.content
                 yield event
             if text.finished:
                 break  # a stop string: no more canvases
@@ -548,6 +617,8 @@ class Pipeline:
             gen.denoise_s,
             time.perf_counter() - t0,
             request.seed,
+            gen.cached_tokens,
+            gen.redraws,
         )
 
     def generate(self, prompt: str | None = None, *, request: Request | None = None, **kwargs) -> GenerationResult:

@@ -25,10 +25,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .asgi import EventStream
+from .chat import NAME, ToolCall
 from .config import ConfigError, GenerationSettings
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
 from .generate import StepEvent
-from .chat import NAME, ToolCall
 from .infill import line_span, move_space, parse_range
 
 KNOBS = tuple(f.name for f in GenerationSettings.knobs(per_request=True))  # each is a GenerationFields field
@@ -66,6 +66,7 @@ class GenerationFields(BaseModel):
     t_max: float | None = Field(None, gt=0, le=1e3)
     confidence_threshold: float | None = Field(None, gt=0, le=1e9)
     stability_threshold: int | None = Field(None, ge=0, le=1024)
+    empty_redraws: int | None = Field(None, ge=0, le=8)
     chat_template: Any = None
     chat_template_kwargs: Any = None
 
@@ -414,7 +415,8 @@ async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kin
             raise APIError(500, f"Generation failed: {payload}", type="server_error")
         if what == "done":
             done[i] = payload
-    usage = fe.usage(plan, sum(d["completion_tokens"] for d in done.values()))
+    cached = max((d["dgemma"]["cached_tokens"] for d in done.values()), default=0)
+    usage = fe.usage(plan, sum(d["completion_tokens"] for d in done.values()), cached)
     if kind == "edit":
         d = done[0]
         body = {**head, **_edit_fields(edit, d["text"]), "finish_reason": d["finish_reason"], "dgemma": d["dgemma"]}
@@ -461,7 +463,7 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
     if chat:
         for i in range(len(plan.choices)):
             yield chunk(i, None, role=True)
-    total, replacement, calls = 0, "", collections.Counter()
+    total, cached, replacement, calls = 0, 0, "", collections.Counter()
     async for what, i, payload in fe.events(plan, jobs, inbox):
         if what == "reasoning":
             yield chunk(i, None, delta={"reasoning_content": payload})
@@ -476,6 +478,7 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
             yield _draft_event(fe, head, i, payload)
         elif what == "done":
             total += payload["completion_tokens"]
+            cached = max(cached, payload["dgemma"]["cached_tokens"])
             if kind == "edit":
                 body = {**head, **_edit_fields(edit, replacement), "finish_reason": payload["finish_reason"]}
                 yield _data({**body, "dgemma": payload["dgemma"], **extra})
@@ -485,7 +488,7 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
             yield _data(APIError(500, f"Generation failed: {payload}", type="server_error").body())
             return
     if plan.include_usage:
-        yield _data({**head, "choices": [], "usage": fe.usage(plan, total)})
+        yield _data({**head, "choices": [], "usage": fe.usage(plan, total, cached)})
     yield "data: [DONE]\n\n"
 
 

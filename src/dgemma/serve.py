@@ -15,7 +15,15 @@ import os
 import socket
 import sys
 
-from .cli import EXIT_CHECKPOINT, EXIT_FAILURE, CliError, add_model_arguments, positive_float, positive_int
+from .cli import (
+    EXIT_CHECKPOINT,
+    EXIT_FAILURE,
+    CliError,
+    add_model_arguments,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_serve_parser(subparsers) -> None:
@@ -76,6 +84,22 @@ def add_serve_parser(subparsers) -> None:
         default=1,
         metavar="N",
         help="run a step's batch as N groups side by side in threads",
+    )
+    srv.add_argument(
+        "--prefix-cache-mb",
+        type=non_negative_int,
+        default=1024,
+        metavar="MB",
+        help="multi-turn prompt cache: encoder KV of earlier prompts reused by block-aligned prefix, LRU, per "
+        "process (0: off; outputs are the same either way)",
+    )
+    srv.add_argument(
+        "--empty-redraws",
+        type=non_negative_int,
+        default=2,
+        metavar="N",
+        help="empty-reply guard: re-draw a reply's first canvas when it starts with EOS, at most N times (the "
+        "last one bars EOS there); 0 for reference parity",
     )
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_serve)
@@ -180,6 +204,8 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
             loopback_only=loopback,
             settle=Settle(args.settle_steps, args.settle_entropy),
             workers=args.workers,
+            prefix_cache_bytes=args.prefix_cache_mb << 20,
+            empty_redraws=args.empty_redraws,
         )
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e), EXIT_CHECKPOINT) from None

@@ -10,6 +10,7 @@ status (5xx only for a failed generation).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_api as oa
 from .asgi import MAX_BODY, Guard
+from .cache import PrefixCache
 from .engine import Engine
 from .frontend import APIError, Frontend
 from .generate import Settle
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_N = 8
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 DEFAULT_SETTLE = Settle()
 
 
@@ -46,9 +49,16 @@ def create_app(
     loopback_only: bool = True,
     settle: Settle = DEFAULT_SETTLE,
     workers: int = 1,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    empty_redraws: int | None = None,
 ) -> FastAPI:
-    """The FastAPI app. Its engine thread starts and stops with the app's lifespan."""
-    engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue, workers=workers)
+    """The FastAPI app. Its engine thread starts and stops with the app's lifespan. `prefix_cache_bytes`: the
+    multi-turn prompt cache (0: off); `empty_redraws`: the default of the empty-reply guard (None: the
+    checkpoint's settings, off unless set)."""
+    if empty_redraws is not None:
+        pipeline = dataclasses.replace(pipeline, settings=pipeline.settings.override(empty_redraws=empty_redraws))
+    prefix = PrefixCache(prefix_cache_bytes, pipeline.model.config.canvas_length)
+    engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue, workers=workers, prefix_cache=prefix)
     srv = Frontend(pipeline, engine, model_id or f"dgemma-{pipeline.model_dir.name}", max_n, max_tokens_cap, settle)
 
     @asynccontextmanager

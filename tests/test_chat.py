@@ -290,3 +290,13 @@ def test_named_tool_choice_pins_a_valid_call(tmp_path_factory, stream):
 def test_control_ids_match_the_real_vocabulary(g4):
     assert all(g4.tokenizer.id_of(t) == i for i, t in CONTROL.items())
     assert g4.settings.eos_token_ids == (1, 106, 50)
+
+
+# --- the Python API -----------------------------------------------------------------------------------------------
+def test_pipeline_chat_parses_and_forces(tmp_path):
+    pipe = scripted_pipeline(tmp_path, weather_script)
+    turn = pipe.chat([{"role": "user", "content": "Weather?"}], tools=TOOLS, enable_thinking=True, seed=1)
+    assert turn.reasoning.startswith("The user wants") and turn.text == ""
+    assert [(c.name, c.arguments) for c in turn.tool_calls] == [("get_weather", ARGS)]
+    forced = pipe.chat([{"role": "user", "content": "Time?"}], tools=TOOLS, tool_choice="get_time", seed=1)
+    assert [c.name for c in forced.tool_calls] == ["get_time"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .cache import PrefixCache, stack_caches
-from .chat import Delta
+from .chat import ChatParser, Delta
 from .config import ConfigError, GenerationSettings
 from .infill import (
     EditResult,
@@ -136,6 +136,8 @@ class GenerationResult:
     seed: int | None
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     empty_redraws: int = 0  # first canvases drawn again by the empty-reply guard
+    reasoning: str = ""  # with a chat parser: the thought channel (`text` is then the answer's content)
+    tool_calls: list = dataclasses.field(default_factory=list)  # with a chat parser: chat.ToolCall's
 
     @property
     def tokens_per_forward(self) -> float:
@@ -619,6 +621,8 @@ class Pipeline:
             request.seed,
             gen.cached_tokens,
             gen.redraws,
+            text.reasoning,
+            text.tool_calls,
         )
 
     def generate(self, prompt: str | None = None, *, request: Request | None = None, **kwargs) -> GenerationResult:
@@ -628,6 +632,42 @@ class Pipeline:
         elif prompt is not None or kwargs:
             raise ConfigError("give either a request or the arguments to build one, not both")
         for event in self.stream_generate(request=request):
+            pass
+        return event
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        tool_choice: str | None = None,
+        enable_thinking: bool = False,
+        prefix_cache: PrefixCache | None = None,
+        seed: int | None = None,
+        **knobs,
+    ) -> GenerationResult:
+        """One assistant turn: the checkpoint's template over `messages` (with `tools` and thinking), generated and
+        split into `text` (the answer), `reasoning` and `tool_calls`. `tool_choice`: None/"auto", or "required" /
+        a function name to force a call (pinned: it always parses). `prefix_cache` carries prompt KV across turns."""
+        ids = self.prompt_ids(messages=messages, tools=tools, enable_thinking=enable_thinking)
+        settings = self.settings.override(**knobs)
+        layout = None
+        if tool_choice not in (None, "auto"):
+            from .structured import tool_call_layout
+
+            if not tools:
+                raise ConfigError("tool_choice needs tools")
+            name = None if tool_choice == "required" else tool_choice
+            if name is not None and name not in {t["function"]["name"] for t in tools}:
+                raise ConfigError(f"tool_choice {name!r} is not among the tools")
+            layout, budget = tool_call_layout(
+                tools, name, self._need_tokenizer(), self.canvas_length, self.model.text.vocab_size, settings
+            )
+            settings = settings.override(max_new_tokens=max(budget, settings.max_new_tokens))
+        if seed is None and settings.temperature == 0:
+            seed = 0
+        request = Request(tuple(ids), settings, seed, layout=layout)
+        for event in self.stream_generate(request=request, prefix_cache=prefix_cache, parser=ChatParser(bool(tools))):
             pass
         return event
 

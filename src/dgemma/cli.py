@@ -107,9 +107,9 @@ def add_model_arguments(p) -> None:
     p.add_argument("--offline", action="store_true", help="never download: a repo id must be in the local HF cache")
 
 
-def add_knob_arguments(p) -> None:
+def add_knob_arguments(p, with_json: bool = True) -> None:
     """Every GenerationSettings knob as a flag (the one list in config.GenerationSettings.knobs), plus seed and
-    runtime options."""
+    runtime options (and --json, unless `with_json` is off)."""
     from .config import GenerationSettings
 
     knobs = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
@@ -128,7 +128,8 @@ def add_knob_arguments(p) -> None:
         metavar="N",
         help="torch CPU threads (default on CPU: cores - 1, at least 1, as dgemma serve does)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings")
+    if with_json:
+        p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings")
 
 
 def knobs_from(args: argparse.Namespace) -> dict:
@@ -503,6 +504,9 @@ def build_parser() -> Parser:
     add_generate_parser(sub)  # one line per subcommand; each sets its handler with set_defaults(handler=...)
     add_infill_parser(sub)
     add_edit_parser(sub)
+    from .repl import add_chat_parser  # light: torch loads only when `chat` runs
+
+    add_chat_parser(sub)
     from .serve import add_serve_parser  # a light module: the server and torch load only when `serve` runs
 
     add_serve_parser(sub)

@@ -1,8 +1,10 @@
 """ASGI pieces shared by every protocol: the `Guard` middleware (run before routing) and the SSE response.
 
-Guard: loopback-only `Host` headers (DNS rebinding), an optional API key (constant-time compare of digests) on every
-route but the public ones, and a body-size limit enforced while reading (413). `EventStream` sends server-sent
-events from an async iterator and notices a client that went away even while the stream is idle.
+Guard: loopback-only `Host` headers (DNS rebinding), an optional API key (`Authorization: Bearer KEY` or Anthropic's
+`x-api-key: KEY`; constant-time compare of digests) on every route but the public ones, and a body-size limit
+enforced while reading (413); its errors take the shape `error_body(path, err)` gives (each protocol its own).
+`EventStream` sends server-sent events from an async iterator and notices a client that went away even while the
+stream is idle.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.responses import Response
 
@@ -55,29 +58,40 @@ class EventStream(Response):
 class Guard:
     """Pure ASGI middleware run before routing: loopback `Host` check, API key, body size limit (413)."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, loopback_only: bool):
-        self.app, self.max_body, self.loopback_only = app, max_body, loopback_only
+    def __init__(
+        self,
+        app,
+        api_key: str | None,
+        max_body: int,
+        loopback_only: bool,
+        error_body: Callable[[str, APIError], dict[str, Any]] = lambda path, err: err.body(),
+    ):
+        self.app, self.max_body, self.loopback_only, self.error_body = app, max_body, loopback_only, error_body
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+        async def reject(err: APIError, extra: list | None = None) -> None:
+            await _reject(send, err, self.error_body(scope["path"], err), extra)
+
         if self.loopback_only and not _loopback_host(headers.get("host", "")):
-            return await _reject(send, APIError(400, "The Host header must name a loopback address.", code="bad_host"))
+            return await reject(APIError(400, "The Host header must name a loopback address.", code="bad_host"))
         if self.key_digest is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
             err = APIError(
                 401,
-                "Missing or invalid API key (send 'Authorization: Bearer KEY').",
+                "Missing or invalid API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY').",
                 type="authentication_error",
                 code="invalid_api_key",
             )
-            return await _reject(send, err, [(b"www-authenticate", b"Bearer")])
+            return await reject(err, [(b"www-authenticate", b"Bearer")])
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
-            return await _reject(send, _too_large(self.max_body))
+            return await reject(_too_large(self.max_body))
         body, more = bytearray(), True
         while more:
             message = await receive()
@@ -85,7 +99,7 @@ class Guard:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_body:
-                return await _reject(send, _too_large(self.max_body))
+                return await reject(_too_large(self.max_body))
             more = message.get("more_body", False)
         replayed = False
 
@@ -99,9 +113,14 @@ class Guard:
         await self.app(scope, replay, send)
 
     def _authorized(self, headers: dict) -> bool:
-        scheme, _, key = headers.get("authorization", "").partition(" ")
+        """The Bearer token or the x-api-key header (Anthropic's clients) matches; both are checked."""
+        scheme, _, bearer = headers.get("authorization", "").partition(" ")
+        keys = [bearer if scheme.lower() == "bearer" else None, headers.get("x-api-key")]
+        return any(self._matches(k) for k in keys if k is not None)
+
+    def _matches(self, key: str) -> bool:
         digest = hashlib.sha256(key.strip().encode("utf-8", "surrogateescape")).digest()
-        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self.key_digest)
+        return hmac.compare_digest(digest, self.key_digest)
 
 
 def _too_large(limit: int) -> APIError:
@@ -115,8 +134,8 @@ def _loopback_host(host: str) -> bool:
     return name.lower() in LOOPBACK_HOSTS
 
 
-async def _reject(send, err: APIError, headers: list | None = None) -> None:
-    body = json.dumps(err.body()).encode()
+async def _reject(send, err: APIError, shaped: dict, headers: list | None = None) -> None:
+    body = json.dumps(shaped).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (headers or [])
     await send({"type": "http.response.start", "status": err.status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

@@ -1,11 +1,12 @@
 """The HTTP server: the FastAPI app and its routes, in front of the batching `Engine`.
 
 Routes: `GET /v1/models`, `POST /v1/completions` (with `suffix`: infill), `POST /v1/chat/completions`,
-`POST /v1/edits` (dgemma: rewrite a span in place), `GET /health`, `GET /openapi.json`, and the live canvas view at
-`/`. The layers under it: `asgi.Guard` (host check, API key, body limit) runs before routing; `openai_api` parses
-and shapes the OpenAI wire format; `frontend.Frontend` validates, builds the `Request`s, runs the text layer and
-talks to the engine thread. HTTP handlers never touch torch. Every error is OpenAI's JSON error shape with a 4xx
-status (5xx only for a failed generation).
+`POST /v1/edits` (dgemma: rewrite a span in place), Anthropic's `POST /v1/messages` and `/v1/messages/count_tokens`,
+`GET /health`, `GET /openapi.json`, and the live canvas view at `/`. The layers under it: `asgi.Guard` (host check,
+API key, body limit) runs before routing; `openai_api` and `anthropic_api` parse and shape their wire formats;
+`frontend.Frontend` validates, builds the `Request`s, runs the text layer and talks to the engine thread. HTTP
+handlers never touch torch. Every error is OpenAI's JSON error shape (Anthropic's on `/v1/messages`,
+`anthropic_api.error_body`) with a 4xx status (5xx only for a failed generation or a full queue).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import anthropic_api as an
 from . import openai_api as oa
 from .asgi import MAX_BODY, Guard
 from .cache import PrefixCache
@@ -76,7 +78,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = srv
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body, loopback_only=loopback_only)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, loopback_only=loopback_only, error_body=_body)
     _add_error_handlers(app)
     _add_routes(app, srv, api_key is not None)
     return app
@@ -85,29 +87,29 @@ def create_app(
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return _error(exc)
+        return _error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         err = (exc.errors() or [{}])[0]
         loc = [p for p in err.get("loc", ()) if p != "body"]
         if err.get("type") == "json_invalid":
-            return _error(APIError(400, "The request body is not valid JSON."))
+            return _error(request, APIError(400, "The request body is not valid JSON."))
         if not loc:
-            return _error(APIError(400, "The request body must be a JSON object with the documented fields."))
+            return _error(request, APIError(400, "The request body must be a JSON object with the documented fields."))
         param = str(loc[0]) + (f"[{loc[1]}]" if len(loc) > 1 and isinstance(loc[1], int) else "")
         msg = err.get("msg", "invalid value")
-        return _error(APIError(400, f"{param}: {msg}", param, "invalid_parameter"))
+        return _error(request, APIError(400, f"{param}: {msg}", param, "invalid_parameter"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(APIError(exc.status_code, str(exc.detail), type=kind))
+        return _error(request, APIError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return _error(APIError(500, "Internal server error.", type="server_error"))
+        return _error(request, APIError(500, "Internal server error.", type="server_error"))
 
 
 def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
@@ -161,6 +163,15 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
         p, start, end = await run_in_threadpool(oa.edit_params, srv, body)
         return await oa.respond(srv, await srv.plan(p), request, "edit", (body.text, start, end))
 
+    @app.post("/v1/messages")
+    async def messages(body: an.MessagesRequest, request: Request):
+        """Anthropic's Messages API (see anthropic_api)."""
+        return await an.respond(srv, await srv.plan(an.params(srv, body)), request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: an.CountTokensRequest):
+        return await an.count_tokens(srv, body)
+
 
 def _model_card(srv: Frontend) -> dict:
     return {
@@ -172,8 +183,13 @@ def _model_card(srv: Frontend) -> dict:
     }
 
 
-def _error(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def _body(path: str, exc: APIError) -> dict:
+    """The error shape of the route's protocol."""
+    return an.error_body(exc) if an.owns(path) else exc.body()
+
+
+def _error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(_body(request.url.path, exc), status_code=exc.status, headers=exc.headers)
 
 
 METRICS = [  # (name, type, help, value from (stats, latency))

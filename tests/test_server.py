@@ -529,6 +529,8 @@ def test_api_key_on_every_route(secured):
     )
     with httpx.Client(base_url=secured.url, timeout=60) as c:
         for path in protected:
+            if path.startswith("/v1/messages"):
+                continue  # Anthropic's error shape there: tests/test_anthropic.py::test_x_api_key_auth
             path = path.replace("{model}", MODEL)
             for headers in (
                 {},

@@ -26,7 +26,6 @@ from .asgi import EventStream
 from .chat import ToolCall
 from .config import ConfigError
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
-from .generate import CanvasEvent, SettleEvent
 
 PATH = "/v1/messages"
 ERROR_TYPES = {
@@ -261,26 +260,12 @@ def error_body(exc: APIError) -> dict:
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
-class _Tap:
-    """The inbox as `Frontend.events` reads it, keeping the output ids it passes on: the text layer reports an EOS
-    and a stop sequence alike ("stop"), and Anthropic tells them apart."""
-
-    def __init__(self, inbox: Inbox):
-        self.inbox, self.ids = inbox, []
-
-    async def get(self) -> tuple[int, object]:
-        j, ev = await self.inbox.get()
-        self.ids += ev.new_ids if isinstance(ev, CanvasEvent) else ev.token_ids if isinstance(ev, SettleEvent) else []
-        return j, ev
-
-
 async def respond(fe: Frontend, plan: Plan, request: Request) -> Response:
     jobs, inbox = fe.submit(plan)
-    tap = _Tap(inbox)
     head = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": fe.model_id}
     if plan.stream:
-        return EventStream(_sse(fe, plan, jobs, tap, head), lambda: fe.cancel(jobs, inbox))
-    collect = asyncio.ensure_future(_collect(fe, plan, jobs, tap, head))
+        return EventStream(_sse(fe, plan, jobs, inbox, head), lambda: fe.cancel(jobs, inbox))
+    collect = asyncio.ensure_future(_collect(fe, plan, jobs, inbox, head))
     gone = asyncio.ensure_future(oa._disconnected(request))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -293,9 +278,9 @@ async def respond(fe: Frontend, plan: Plan, request: Request) -> Response:
     return collect.result() if finished else Response(status_code=499)  # 499: nobody is listening
 
 
-async def _collect(fe: Frontend, plan: Plan, jobs, tap: _Tap, head: dict) -> JSONResponse:
+async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict) -> JSONResponse:
     done = None
-    async for what, _, payload in fe.events(plan, jobs, tap):
+    async for what, _, payload in fe.events(plan, jobs, inbox):
         if what == "error":
             raise APIError(500, f"Generation failed: {payload}", type="api_error")
         if what == "done":
@@ -303,19 +288,15 @@ async def _collect(fe: Frontend, plan: Plan, jobs, tap: _Tap, head: dict) -> JSO
     content = [{"type": "thinking", "thinking": done["reasoning"], "signature": ""}] if done["reasoning"] else []
     content += [{"type": "text", "text": done["text"]}] if done["text"] else []
     content += [_tool_use(c) for c in done["tool_calls"]]
-    body = {**head, "content": content, **_stop(fe, plan, done, tap.ids), "usage": _usage(plan, done)}
+    body = {**head, "content": content, **_stop(done), "usage": _usage(plan, done)}
     return JSONResponse({**body, "dgemma": done["dgemma"]})
 
 
-def _stop(fe: Frontend, plan: Plan, done: dict, ids: list[int]) -> dict:
-    """stop_reason and stop_sequence. The text layer ends on an EOS and on a stop sequence alike ("stop"): a stop
-    sequence in the decoded output (up to its first EOS) was the cut, the earliest one if several."""
-    reason = done["finish_reason"]
-    text = fe.tokenizer.decode(ids[: done["completion_tokens"]]) if reason == "stop" and plan.stop else ""
-    hits = [(text.find(s), k) for k, s in enumerate(plan.stop) if s in text]
-    if not hits:
-        return {"stop_reason": STOP_REASONS[reason], "stop_sequence": None}
-    return {"stop_reason": "stop_sequence", "stop_sequence": plan.stop[min(hits)[1]]}
+def _stop(done: dict) -> dict:
+    """stop_reason and stop_sequence (the text layer names the stop string that cut the output)."""
+    if done["stop_sequence"] is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": done["stop_sequence"]}
+    return {"stop_reason": STOP_REASONS[done["finish_reason"]], "stop_sequence": None}
 
 
 def _usage(plan: Plan, done: dict | None) -> dict:
@@ -338,12 +319,12 @@ def _tool_use(call: ToolCall) -> dict:
     }
 
 
-async def _sse(fe: Frontend, plan: Plan, jobs, tap: _Tap, head: dict) -> AsyncIterator[str]:
+async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict) -> AsyncIterator[str]:
     start = {**head, "content": [], "stop_reason": None, "stop_sequence": None, "usage": _usage(plan, None)}
     yield _event("message_start", message=start)
     yield _event("ping")
     blocks = _Blocks()
-    async for what, _, payload in fe.events(plan, jobs, tap):
+    async for what, _, payload in fe.events(plan, jobs, inbox):
         if what == "reasoning":
             events = blocks.delta("thinking", {"type": "thinking_delta", "thinking": payload})
         elif what == "text":
@@ -355,7 +336,7 @@ async def _sse(fe: Frontend, plan: Plan, jobs, tap: _Tap, head: dict) -> AsyncIt
         elif what == "done":
             usage = _usage(plan, payload)
             events = blocks.stop() + [
-                _event("message_delta", delta=_stop(fe, plan, payload, tap.ids), usage=usage, dgemma=payload["dgemma"]),
+                _event("message_delta", delta=_stop(payload), usage=usage, dgemma=payload["dgemma"]),
                 _event("message_stop"),
             ]
         elif what == "error":

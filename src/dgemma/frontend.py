@@ -418,6 +418,7 @@ class Frontend:
             reason = "tool_calls"
         return {
             "finish_reason": reason,
+            "stop_sequence": text.stop_sequence,
             "completion_tokens": len(text.ids),
             "text": text.text,
             "reasoning": text.reasoning,

@@ -53,6 +53,7 @@ class TextStream:
         self.reasoning = ""  # reasoning sent so far (with a parser)
         self.tool_calls: list = []  # tool calls parsed so far (with a parser)
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the output, if one did
         self._prefix = self._read = 0  # decode window: ids[_prefix:_read] is already turned into text
         self._held = ""  # visible text withheld: it may be the start of a stop string
         self._drop: frozenset[int] = frozenset()  # special ids decoded away even with a parser
@@ -109,9 +110,10 @@ class TextStream:
         return after.removeprefix(before)
 
     def _emit(self, pending: str, final: str | None) -> str:
-        cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=None)
-        if cut is not None:
-            pending, final = pending[:cut], "stop"
+        hits = [(i, k) for k, i in enumerate(pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            cut, k = min(hits)
+            pending, final, self.stop_sequence = pending[:cut], "stop", self.stop[k]
         held = 0 if final is not None else self._held_back(pending)
         out, self._held = pending[: len(pending) - held], pending[len(pending) - held :]
         self.text += out

@@ -314,6 +314,7 @@ def test_ctrl_c_stops_a_long_reply_and_the_chat_goes_on(checkpoint, terminal):
     assert not STAT.search(t.text)  # a stopped reply has no stat line
     t.send("/help\r")
     t.expect(r"/reset")
+    t.expect(re.escape(PROMPT))
     t.send("\x03")  # at the prompt: clears the line
     t.expect(r"Ctrl-C again")
     t.send("\x04")  # Ctrl-D: EOF

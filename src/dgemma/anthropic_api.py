@@ -10,7 +10,6 @@ tool_use out; images, documents and server tools get a 400. `thinking.budget_tok
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from . import openai_api as oa
-from .asgi import EventStream
+from .asgi import answer
 from .chat import ToolCall
 from .config import ConfigError
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
@@ -263,19 +262,9 @@ def error_body(exc: APIError) -> dict:
 async def respond(fe: Frontend, plan: Plan, request: Request) -> Response:
     jobs, inbox = fe.submit(plan)
     head = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": fe.model_id}
-    if plan.stream:
-        return EventStream(_sse(fe, plan, jobs, inbox, head), lambda: fe.cancel(jobs, inbox))
-    collect = asyncio.ensure_future(_collect(fe, plan, jobs, inbox, head))
-    gone = asyncio.ensure_future(oa._disconnected(request))
-    try:
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        finished = collect.done()
-        if not finished:
-            fe.cancel(jobs, inbox)
-            collect.cancel()
-    return collect.result() if finished else Response(status_code=499)  # 499: nobody is listening
+    stream = _sse(fe, plan, jobs, inbox, head) if plan.stream else None
+    collect = None if plan.stream else _collect(fe, plan, jobs, inbox, head)
+    return await answer(request, stream, collect, lambda: fe.cancel(jobs, inbox))
 
 
 async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict) -> JSONResponse:

@@ -55,6 +55,30 @@ class EventStream(Response):
             self.on_close()
 
 
+async def answer(request, stream: AsyncIterator[str] | None, collect, cancel: Callable[[], None]) -> Response:
+    """The HTTP answer to a submitted generation: SSE from `stream`, or else the Response that the coroutine
+    `collect` builds, awaited while watching for a disconnect; work is dropped (`cancel`) when the client leaves
+    first (499: nobody is listening)."""
+    if stream is not None:
+        return EventStream(stream, cancel)
+    collecting = asyncio.ensure_future(collect)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        finished = collecting.done()
+        if not finished:
+            cancel()
+            collecting.cancel()
+    return collecting.result() if finished else Response(status_code=499)
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Guard:
     """Pure ASGI middleware run before routing: loopback `Host` check, API key, body size limit (413)."""
 

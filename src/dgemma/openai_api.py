@@ -11,7 +11,6 @@ Extensions (all optional): the diffusion knobs as body fields (`steps`, `entropy
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import math
@@ -24,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from .asgi import EventStream
+from .asgi import answer
 from .chat import NAME, ToolCall
 from .config import ConfigError, GenerationSettings
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
@@ -383,24 +382,9 @@ async def respond(fe: Frontend, plan: Plan, request: Request, kind: str, edit: t
     prefix = {"chat": "chatcmpl-", "text": "cmpl-", "edit": "edit-"}[kind]
     obj = {"chat": "chat.completion", "text": "text_completion", "edit": "edit"}[kind]
     head = {"id": prefix + uuid.uuid4().hex, "object": obj, "created": int(time.time()), "model": fe.model_id}
-    if plan.stream:
-        return EventStream(_sse(fe, plan, jobs, inbox, head, kind, edit), lambda: fe.cancel(jobs, inbox))
-    collect = asyncio.ensure_future(_collect(fe, plan, jobs, inbox, head, kind, edit))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        finished = collect.done()
-        if not finished:
-            fe.cancel(jobs, inbox)
-            collect.cancel()
-    return collect.result() if finished else Response(status_code=499)  # 499: nobody is listening
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    stream = _sse(fe, plan, jobs, inbox, head, kind, edit) if plan.stream else None
+    collect = None if plan.stream else _collect(fe, plan, jobs, inbox, head, kind, edit)
+    return await answer(request, stream, collect, lambda: fe.cancel(jobs, inbox))
 
 
 def _edit_fields(edit: tuple, replacement: str) -> dict:

@@ -281,8 +281,6 @@ class ChatSession:
 def repl(session: ChatSession, read: Callable[[str], str] = input, echo: bool = False) -> int:
     """Read lines until /exit, EOF or two Ctrl-C in a row; answer each message. Returns the exit code (0).
     `echo`: repeat each line read (input that is not a terminal is not echoed, so a transcript needs it)."""
-    from .config import ConfigError
-
     interrupted = False
     while True:
         try:
@@ -301,23 +299,35 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, echo: bool = 
             session.note("(line cleared; Ctrl-C again or /exit to quit)")
             continue
         interrupted = False
-        cmd = parse_line(line)
-        if cmd.kind == "exit":
+        try:
+            _run_command(session, parse_line(line))
+        except _Exit:
             return 0
-        if cmd.kind == "help":
-            session.note(HELP)
-        elif cmd.kind == "reset":
-            session.conversation.reset()
-            session.note("(new conversation)")
-        elif cmd.kind == "unknown":
-            session.note(f"unknown command {cmd.text}; /help lists them (//text sends a message starting with /)")
-        elif cmd.kind == "say":
-            try:
-                session.reply(cmd.text)
-            except KeyboardInterrupt:  # a Ctrl-C just before or after the reply's own handler was in place
-                session.out.write("\n")
-            except ConfigError as e:  # e.g. the history outgrew the model's positions: the turn is dropped
-                session.note(f"error: {' '.join(str(e).split())} (/reset starts over)")
+        except KeyboardInterrupt:  # a Ctrl-C outside input() and outside a reply's own handler (e.g. mid-print)
+            session.out.write("\n")
+
+
+class _Exit(Exception):
+    pass
+
+
+def _run_command(session: ChatSession, cmd) -> None:
+    from .config import ConfigError
+
+    if cmd.kind == "exit":
+        raise _Exit
+    if cmd.kind == "help":
+        session.note(HELP)
+    elif cmd.kind == "reset":
+        session.conversation.reset()
+        session.note("(new conversation)")
+    elif cmd.kind == "unknown":
+        session.note(f"unknown command {cmd.text}; /help lists them (//text sends a message starting with /)")
+    elif cmd.kind == "say":
+        try:
+            session.reply(cmd.text)
+        except ConfigError as e:  # e.g. the history outgrew the model's positions: the turn is dropped
+            session.note(f"error: {' '.join(str(e).split())} (/reset starts over)")
 
 
 # --- the subcommand ----------------------------------------------------------------------------------------------------

@@ -250,6 +250,10 @@ class Terminal:
                 raise AssertionError(f"{pattern!r} not seen; output after the last match:\n{self.text[self.pos :]}")
 
     def send(self, text: str) -> None:
+        if text in ("\x03", "\x04"):
+            # readline sets the terminal up with TCSAFLUSH, which drops input that arrived just before: a control
+            # key typed the instant the prompt appears can be lost, so give the prompt a moment
+            time.sleep(0.3)
         os.write(self.fd, text.encode())
 
     def wait(self, timeout: float = 60) -> int:

@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--canvas", type=int, default=32)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=100)
     p.add_argument("--canvases", type=int, default=2, help="canvases generated per run")
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (all of them run)")
@@ -68,7 +69,7 @@ def build_reference(args, out: Path) -> Path:
         num_global_key_value_heads=1,
         sliding_window=64,
         num_experts=args.experts,
-        top_k_experts=2,
+        top_k_experts=args.top_k,
         max_position_embeddings=8192,
     )
     model.save_pretrained(out)

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from tiny import random_model, tiny_config
 
-from dgemma.cache import stack_caches
+from dgemma.cache import PrefixCache, stack_caches
 from dgemma.config import GenerationSettings
 from dgemma.engine import Engine, Failed, Finished, Job, QueueFull
 from dgemma.generate import CanvasEvent, Generation, Request, Settle, SettleEvent, denoise_step
-from dgemma.model import INVARIANT_ROWS, pad_rows
+from dgemma.model import INVARIANT_ROWS, Execution, pad_rows
 from dgemma.sampler import StepResult
 
 SETTINGS = GenerationSettings(max_new_tokens=32, steps=4, eos_token_ids=(1,))
@@ -58,23 +58,18 @@ def prefilled(model, prompts, seeds):
 
 def test_batched_denoise_is_bitwise_solo(model):
     """Different prompt lengths (left-padded caches), first step and self-conditioned steps, small expert groups."""
-    model.batch_invariant = True
-    try:
-        batch, solo = prefilled(model, PROMPTS, [1, 2, 3]), prefilled(model, PROMPTS, [1, 2, 3])
-        for _ in range(3):
-            events = denoise_step(model, batch)
-            for g, ev in zip(solo, events):
-                alone = denoise_step(model, [g])[0]
-                assert alone[0].draft == ev[0].draft and alone[0].entropy == ev[0].entropy
-        model.batch_invariant = False  # the default path: same math, low bits may differ
-        loose = prefilled(model, PROMPTS, [1, 2, 3])
-        rows = torch.stack([g.sampler.canvas for g in loose])
-        logits = model.denoise(rows, stack_caches([g.cache for g in loose]))
-        model.batch_invariant = True
-        exact = model.denoise(rows, stack_caches([g.cache for g in loose]))
-        torch.testing.assert_close(logits, exact, rtol=1e-4, atol=1e-4)
-    finally:
-        model.batch_invariant = False
+    exact_model = model.with_execution(Execution(invariant=True))
+    batch, solo = prefilled(exact_model, PROMPTS, [1, 2, 3]), prefilled(exact_model, PROMPTS, [1, 2, 3])
+    for _ in range(3):
+        events = denoise_step(exact_model, batch)
+        for g, ev in zip(solo, events):
+            alone = denoise_step(exact_model, [g])[0]
+            assert alone[0].draft == ev[0].draft and alone[0].entropy == ev[0].entropy
+    loose = prefilled(model, PROMPTS, [1, 2, 3])  # the default path: same math, low bits may differ
+    rows = torch.stack([g.sampler.canvas for g in loose])
+    logits = model.denoise(rows, stack_caches([g.cache for g in loose]))
+    exact = exact_model.denoise(rows, stack_caches([g.cache for g in loose]))
+    torch.testing.assert_close(logits, exact, rtol=1e-4, atol=1e-4)
 
 
 def step_result(draft, entropy, done=False):
@@ -168,16 +163,15 @@ def test_engine_matches_solo_generation_and_reports_tokens(model, workers):
             assert c.done.wait(30)
             fin = c.events[-1]
             streamed = [t for e in c.events if isinstance(e, CanvasEvent) for t in e.new_ids]
-            ref = Generation(model, Request(tuple(prompt), SETTINGS, seed))
-            ref.prefill()
+            ref = Generation(engine.model, Request(tuple(prompt), SETTINGS, seed))  # the engine's own view
+            ref.prefill(PrefixCache(0, engine.model.config.canvas_length))  # block-wise, as the engine prefills
             while not ref.finished:
-                denoise_step(model, [ref])
+                denoise_step(engine.model, [ref])
             assert fin.token_ids == streamed == ref.token_ids
             assert fin.steps_per_canvas == ref.steps_per_canvas and fin.first_commit_s is not None
         assert engine.counters["peak_batch"] == 2
     finally:
         engine.stop()
-        model.batch_invariant = False
 
 
 def test_engine_queue_cancel_and_faults(model):
@@ -209,6 +203,5 @@ def test_engine_queue_cancel_and_faults(model):
         wait_for(lambda: engine.stats()["active"] == 1)
     finally:
         engine.stop()
-        model.batch_invariant = False
     assert lc.done.wait(10) and isinstance(lc.events[-1], Failed)  # stopping fails what is left
     assert not engine.healthy()

@@ -10,19 +10,17 @@ from dgemma.config import GenerationSettings
 from dgemma.export import save_model
 from dgemma.generate import Generation, Request, denoise_step
 from dgemma.loader import load_model
+from dgemma.model import Execution
 
 
 def run_twins(model, attention: str, moe: str, prompt, canvas):
     """(encoder hidden, step-1 logits, self-conditioned logits) with the given kernels."""
-    model.attention_impl, model.moe_impl = attention, moe
-    try:
-        cache = model.new_cache(batch_size=prompt.shape[0])
-        hidden = model.encode(prompt, cache)
-        step1 = model.denoise(canvas, cache)
-        step2 = model.denoise(canvas, cache, model.soft_embedding(step1 / 0.8))
-        return hidden, step1, step2
-    finally:
-        model.attention_impl, model.moe_impl = "sdpa", "grouped"
+    model = model.with_execution(Execution(attention, moe))
+    cache = model.new_cache(batch_size=prompt.shape[0])
+    hidden = model.encode(prompt, cache)
+    step1 = model.denoise(canvas, cache)
+    step2 = model.denoise(canvas, cache, model.soft_embedding(step1 / 0.8))
+    return hidden, step1, step2
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,10 @@ def inputs():
     return torch.randint(0, 128, (2, 19), generator=g), torch.randint(0, 128, (2, 8), generator=g)
 
 
-@pytest.mark.parametrize("attention,moe", [("eager", "grouped"), ("sdpa", "loop"), ("eager", "loop")])
+@pytest.mark.parametrize(
+    "attention,moe",
+    [("eager", "grouped"), ("sdpa", "loop"), ("eager", "loop"), ("sdpa", "grouped_mm"), ("eager", "grouped_mm")],
+)
 def test_fast_paths_match_slow_twins(model, inputs, attention, moe):
     fast = run_twins(model, "sdpa", "grouped", *inputs)
     slow = run_twins(model, attention, moe, *inputs)
@@ -101,3 +102,23 @@ def test_batched_denoise_equals_solo(model):
         assert got.steps_per_canvas == want.steps_per_canvas
     assert shared > 0
     assert gens[0].steps_per_canvas != gens[1].steps_per_canvas or len(gens[0].token_ids) != len(gens[1].token_ids)
+
+
+def test_grouped_mm_moe_matches_the_loop_with_empty_experts():
+    """The sync-free MoE (device offsets, no host read) equals the per-pair loop, experts without tokens included."""
+    model = random_model(tiny_config(num_experts=8, top_k_experts=2), seed=3)
+    experts = model.layers[0].experts
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 64, generator=g)
+    idx = torch.tensor([[0, 3], [3, 0], [7, 3], [0, 7], [3, 7]])  # experts 1, 2, 4, 5, 6 get nothing
+    w = torch.rand(5, 2, generator=g)
+    torch.testing.assert_close(experts.grouped_mm(x, w, idx), experts.loop(x, w, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_execution_views_share_weights(model):
+    view = model.with_execution(Execution("eager", "loop", invariant=True))
+    assert view.execution.invariant and not model.execution.invariant and view is not model
+    assert view.embed_tokens.weight is model.embed_tokens.weight
+    assert model.with_execution(model.execution) is model
+    with pytest.raises(ValueError):
+        Execution(moe="fast")

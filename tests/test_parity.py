@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dgemma.cache import KVCache
+from dgemma.model import Execution
 
 pytest.importorskip("transformers")
 from reference import seeded_protocol
@@ -35,13 +36,13 @@ KERNELS = {"fast": (("sdpa", "grouped"), ("sdpa", "grouped_mm")), "slow": (("eag
 def kernels(ref, kind: str):
     (attn, moe), (hf_attn, hf_moe) = KERNELS[kind]
     dg = ref.pipe.model
-    dg.attention_impl, dg.moe_impl = attn, moe
+    ref.pipe.model = dg.with_execution(Execution(attn, moe))  # a view of the same weights
     ref.model.set_attn_implementation(hf_attn)
     ref.model.set_experts_implementation(hf_moe)
     try:
         yield
     finally:  # back to what generate parity uses: dgemma fast, reference eager (spec g.1)
-        dg.attention_impl, dg.moe_impl = "sdpa", "grouped"
+        ref.pipe.model = dg
         ref.model.set_attn_implementation("eager")
         ref.model.set_experts_implementation("eager")
 

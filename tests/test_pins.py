@@ -12,6 +12,7 @@ from tiny import random_model, tiny_config
 
 from dgemma.config import GenerationSettings
 from dgemma.generate import CanvasEvent, Generation, Request, StepEvent, denoise_step
+from dgemma.model import Execution
 from dgemma.sampler import CanvasSampler, Layout, Pins, make_generators, score_canvas
 
 C, V = 16, 128
@@ -102,18 +103,15 @@ def test_mixed_batch_is_bitwise_invariant(model):
         Request(tuple(range(10, 40)), SETTINGS, 2, draft=True),
         Request((2, 8), SETTINGS.override(max_new_tokens=C), 3, layout=Layout({4: 77, 9: 78}), draft=True),
     ]
-    model.batch_invariant = True
-    try:
-        solo = [run(model, r) for r in requests]
-        gens = [Generation(model, r) for r in requests]
-        for g in gens:
-            g.prefill()
-        got: list[list] = [[] for _ in gens]
-        while live := [i for i, g in enumerate(gens) if not g.finished]:
-            for i, evs in zip(live, denoise_step(model, [gens[i] for i in live])):
-                got[i] += evs
-    finally:
-        model.batch_invariant = False
+    model = model.with_execution(Execution(invariant=True))
+    solo = [run(model, r) for r in requests]
+    gens = [Generation(model, r) for r in requests]
+    for g in gens:
+        g.prefill()
+    got: list[list] = [[] for _ in gens]
+    while live := [i for i, g in enumerate(gens) if not g.finished]:
+        for i, evs in zip(live, denoise_step(model, [gens[i] for i in live])):
+            got[i] += evs
     for (g_solo, ev_solo), g, evs in zip(solo, gens, got):
         assert g.token_ids == g_solo.token_ids and g.steps_per_canvas == g_solo.steps_per_canvas
         steps_solo = [(e.draft, e.entropy) for e in ev_solo if isinstance(e, StepEvent)]

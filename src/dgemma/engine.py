@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .cache import PrefixCache
 from .generate import CanvasEvent, Generation, Request, SettleEvent, denoise_step
-from .model import DiffusionGemma
+from .model import DiffusionGemma, Execution
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,9 @@ class Engine:
         # thread per worker); batch invariance makes the split invisible in the results
         self.workers = workers
         self._pool = ThreadPoolExecutor(workers - 1, "dgemma-step") if workers > 1 else None
-        model.batch_invariant = True  # seeded outputs must not depend on batch composition
+        # seeded outputs must not depend on batch composition: invariant kernels where invariance holds (CPU)
+        model = model.with_execution(Execution.for_serving(model.embed_tokens.weight.device))
+        self.model = model
         self._queue: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._cv = threading.Condition()

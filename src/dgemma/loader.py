@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ConfigError, GenerationSettings, ModelConfig, read_json
-from .model import DiffusionGemma
+from .model import DiffusionGemma, Execution
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,10 @@ def load_model(
     device: str | torch.device = "cpu",
     check_finite: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    execution: Execution = Execution(),
 ) -> DiffusionGemma:
     """Build on the meta device, validate every tensor, then assign memory-mapped tensors (cast once if needed).
+    `execution`: the model's kernels and batch invariance (`model.Execution`), fixed here.
     `check_finite`: warn about NaN/Inf weights (a full pass over the weights; None = only up to 2 GiB).
     `progress(done_bytes, total_bytes)` is called after each tensor (the CLI draws a bar for big checkpoints)."""
     model_dir = resolve_model_dir(model_dir)
@@ -213,7 +215,7 @@ def load_model(
         log.warning("config.json has auto_map (remote code); it is ignored, dgemma never imports model-dir code")
     config = ModelConfig.from_dict(raw_config)
     with torch.device("meta"), _skip_weight_init():
-        model = DiffusionGemma(config)
+        model = DiffusionGemma(config, execution)
     expected = expected_tensors(model)
     found: dict[str, tuple[str, list, Path]] = {}
     for path in weight_files(model_dir):

@@ -6,16 +6,21 @@ never writes and returns soft-capped fp32 logits. Module and parameter names mir
 `model.decoder.*` keys so loading is an identity map (the encoder's own `layer_scalar`s live beside the decoder's
 as `encoder_layer_scalar`). No file I/O, tokenizer, sampling or quantization here.
 
-Every fast path has a slow twin selected by a flag: `attention_impl` ("sdpa" | "eager") and `moe_impl`
-("grouped" | "loop"). `batch_invariant` makes a batch of stacked requests compute each row exactly as it would alone
-(the serving engine needs seeded outputs independent of batch composition): attention runs row by row
-(`attend_rowwise`), and expert and self-conditioning GEMMs pad their rows (`pad_rows`, always on, so the default
-path computes the same bits). Dense GEMMs see B*C rows, which is enough when the canvas is a multiple of
-INVARIANT_ROWS (`generate.denoise_step` runs other canvases one request at a time). Checked on CPU only.
+Execution options are fixed when a model is built (`Execution`; `with_execution` gives another view of the same
+weights), never flipped on a shared model. Every fast path has a slow twin: attention "sdpa" | "eager"; MoE
+"grouped" (one GEMM per hit expert, counts read on the host), "grouped_mm" (sync-free: `torch._grouped_mm` over the
+expert-sorted rows with device-side offsets, no host read inside the forward) | "loop". `invariant` makes a batch of
+stacked requests compute each row exactly as it would alone (the serving engine needs seeded outputs independent of
+batch composition): attention runs row by row (`attend_rowwise`), and expert and self-conditioning GEMMs pad their
+rows (`pad_rows`, always on, so the default path computes the same bits). Dense GEMMs see B*C rows, which is enough
+when the canvas is a multiple of INVARIANT_ROWS (`generate.denoise_step` runs other canvases one request at a
+time). Invariance holds on CPU only, so it is used only there (`Execution.for_serving`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import torch
@@ -24,6 +29,31 @@ from torch import nn
 
 from .cache import KVCache
 from .config import FULL, LayerGeometry, ModelConfig, TextConfig
+
+
+ATTENTION_IMPLS = ("sdpa", "eager")
+MOE_IMPLS = ("grouped", "grouped_mm", "loop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a model computes (not what): kernels and batch invariance, fixed when the model is built."""
+
+    attention: str = "sdpa"
+    moe: str = "grouped_mm"
+    invariant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_IMPLS or self.moe not in MOE_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS} and moe one of {MOE_IMPLS}")
+
+    @classmethod
+    def for_serving(cls, device: torch.device | str) -> Execution:
+        """The serving engine's options: batch-invariant per-expert GEMMs on CPU (where invariance is proven),
+        batched sync-free kernels elsewhere."""
+        if torch.device(device).type == "cpu":
+            return cls(moe="grouped", invariant=True)
+        return cls()
 
 
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,7 +230,26 @@ class Experts(nn.Module):
         return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
 
     def forward(self, x, weights, idx, impl: str = "grouped"):
+        if impl == "grouped_mm" and self.gate_up_proj.shape[-1] % 8 == 0 and self.down_proj.shape[-1] % 8 == 0:
+            return self.grouped_mm(x, weights, idx)  # (its kernels need 16-byte aligned rows)
         return self.grouped(x, weights, idx) if impl == "grouped" else self.loop(x, weights, idx)
+
+    def grouped_mm(self, x, weights, idx):
+        """Sync-free: the N*K (token, slot) rows sorted by expert on the device, two `torch._grouped_mm` calls
+        with cumulative row offsets (no host read, so a GPU step never waits on the CPU), then each token's K
+        results summed in slot order (deterministic; no atomics)."""
+        n, k = idx.shape
+        flat = idx.reshape(-1)  # [N*K]
+        order = torch.argsort(flat, stable=True)
+        offsets = torch.cumsum(torch.bincount(flat, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
+        rows = x[order // k]  # [N*K, H]
+        h = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets)  # [N*K, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(1, 2), offs=offsets)
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(n, k, -1).sum(1).to(x.dtype)
 
     def grouped(self, x, weights, idx):
         """Sort the N*K assignments by expert once, run each hit expert on its tokens (one GEMM per expert, rows
@@ -287,7 +336,7 @@ class SelfConditioning(nn.Module):
 class DiffusionGemma(nn.Module):
     """Text stack of DiffusionGemmaForBlockDiffusion; the LM head is tied to `embed_tokens`."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, execution: Execution = Execution()):
         super().__init__()
         cfg = config.text
         self.config, self.text = config, cfg
@@ -297,8 +346,23 @@ class DiffusionGemma(nn.Module):
         self.self_conditioning = SelfConditioning(cfg)
         for i, g in enumerate(cfg.layers):
             self.register_buffer(f"inv_freq_{i}", rope_inv_freq(g, cfg.rope_parameters[g.layer_type]), persistent=False)
-        self.attention_impl, self.moe_impl = "sdpa", "grouped"
-        self.batch_invariant = False
+        self._execution = execution
+
+    @property
+    def execution(self) -> Execution:
+        return self._execution
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self._execution.invariant
+
+    def with_execution(self, execution: Execution) -> DiffusionGemma:
+        """A view of this model (the same weights, no copy) that computes with other execution options."""
+        if execution == self._execution:
+            return self
+        view = copy.copy(self)  # shares _parameters, _buffers and _modules: only the options differ
+        view._execution = execution
+        return view
 
     # --- pieces -------------------------------------------------------------------------------------------------
     @property
@@ -350,7 +414,7 @@ class DiffusionGemma(nn.Module):
         if positions is None:
             positions = cache.length[:, None] + torch.arange(ids.shape[1], device=ids.device)  # [B, S]
         x = self.embed(ids)
-        impl = (self.attention_impl, self.moe_impl)
+        impl = (self._execution.attention, self._execution.moe)
         for i, layer in enumerate(self.layers):
             kpos = torch.cat([cache.positions[i], positions], dim=1)  # [B, T+S]
             allowed = _causal_allowed(
@@ -358,7 +422,7 @@ class DiffusionGemma(nn.Module):
             )
             cos, sin = self.rope(i, positions, x.dtype)
             past = (cache.keys[i], cache.values[i])
-            x, k, v = layer(x, cos, sin, allowed, past, decoder=False, impl=impl, invariant=self.batch_invariant)
+            x, k, v = layer(x, cos, sin, allowed, past, decoder=False, impl=impl, invariant=self._execution.invariant)
             cache.append(i, k, v, positions)
         cache.length = positions[:, -1] + 1
         return self.norm(x)
@@ -379,20 +443,20 @@ class DiffusionGemma(nn.Module):
         if soft is not None:
             x = x + self.self_conditioning(soft)
         x = rms_norm(x, self.text.rms_norm_eps)  # weightless input post-norm, always applied
-        impl = (self.attention_impl, self.moe_impl)
+        impl = (self._execution.attention, self._execution.moe)
         canvas_ok = torch.ones_like(positions, dtype=torch.bool)
         for i, layer in enumerate(self.layers):
             # every canvas query sees all cached keys of this layer (sliding: the last W-1) + the whole canvas
             allowed = torch.cat([cache.positions[i] >= 0, canvas_ok], dim=1)[:, None, None, :]  # [B, 1, 1, T+C]
             cos, sin = self.rope(i, positions, x.dtype)
             past = (cache.keys[i], cache.values[i])
-            x, _, _ = layer(x, cos, sin, allowed, past, decoder=True, impl=impl, invariant=self.batch_invariant)
+            x, _, _ = layer(x, cos, sin, allowed, past, decoder=True, impl=impl, invariant=self._execution.invariant)
         return self.logits(self.norm(x))
 
     def forward_masked(self, x: torch.Tensor, positions: torch.Tensor, allowed: list[torch.Tensor], decoder: bool):
         """Training entry: run all layers on input embeddings x [B, S, H] with explicit per-layer masks
         (bool [B, 1, S, S]) and no cache. Returns final-normed hidden [B, S, H]."""
-        impl = (self.attention_impl, self.moe_impl)
+        impl = (self._execution.attention, self._execution.moe)
         for i, layer in enumerate(self.layers):
             cos, sin = self.rope(i, positions, x.dtype)
             x, _, _ = layer(x, cos, sin, allowed[i], None, decoder=decoder, impl=impl)

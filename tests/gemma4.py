@@ -12,10 +12,9 @@ import torch
 from tiny import corpus_lines, random_model, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dgemma.config import GenerationSettings
+from dgemma.config import FULL, GenerationSettings
 from dgemma.export import CHAT_TEMPLATE, save_model
 from dgemma.generate import Pipeline
-from dgemma.config import FULL
 from dgemma.model import DiffusionGemma
 from dgemma.tokenizer import Tokenizer as DTokenizer
 

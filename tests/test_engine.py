@@ -58,7 +58,7 @@ def prefilled(model, prompts, seeds):
 
 def test_batched_denoise_is_bitwise_solo(model):
     """Different prompt lengths (left-padded caches), first step and self-conditioned steps, small expert groups."""
-    exact_model = model.with_execution(Execution(invariant=True))
+    exact_model = model.with_execution(Execution(moe="grouped", invariant=True))
     batch, solo = prefilled(exact_model, PROMPTS, [1, 2, 3]), prefilled(exact_model, PROMPTS, [1, 2, 3])
     for _ in range(3):
         events = denoise_step(exact_model, batch)

@@ -122,3 +122,10 @@ def test_execution_views_share_weights(model):
     assert model.with_execution(model.execution) is model
     with pytest.raises(ValueError):
         Execution(moe="fast")
+
+
+def test_invariance_refuses_the_unpadded_moe():
+    with pytest.raises(ValueError, match="grouped"):
+        Execution(moe="grouped_mm", invariant=True)
+    assert Execution.for_serving("cpu") == Execution(moe="grouped", invariant=True)
+    assert not Execution.for_serving("cuda").invariant

@@ -115,11 +115,12 @@ def test_encoder_hidden_and_kv(name, kind, request, parity_log):
 @pytest.mark.parametrize("name", REFS)
 def test_decoder_logits_with_and_without_self_conditioning(name, kind, request, parity_log):
     ref = request.getfixturevalue(name)
-    model, dg = ref.model, ref.pipe.model
+    model = ref.model
     prompt = random_ids(2 * ref.model.config.text_config.sliding_window + 3, ref.vocab, seed=4)
     canvas = torch.tensor([random_ids(ref.canvas, ref.vocab, seed=5)])
-    cache: KVCache = dg.new_cache()
     with torch.no_grad(), kernels(ref, kind):
+        dg = ref.pipe.model  # the view with this kind's kernels
+        cache: KVCache = dg.new_cache()
         hf_cache = model.model.encoder(input_ids=torch.tensor([prompt])).past_key_values
         dg.encode(torch.tensor([prompt]), cache)
         hf1 = model(past_key_values=hf_cache, decoder_input_ids=canvas).logits

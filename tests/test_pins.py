@@ -103,7 +103,7 @@ def test_mixed_batch_is_bitwise_invariant(model):
         Request(tuple(range(10, 40)), SETTINGS, 2, draft=True),
         Request((2, 8), SETTINGS.override(max_new_tokens=C), 3, layout=Layout({4: 77, 9: 78}), draft=True),
     ]
-    model = model.with_execution(Execution(invariant=True))
+    model = model.with_execution(Execution(moe="grouped", invariant=True))
     solo = [run(model, r) for r in requests]
     gens = [Generation(model, r) for r in requests]
     for g in gens:

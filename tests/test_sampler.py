@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dgemma.config import ConfigError, GenerationSettings
+from dgemma.model import flush_subnormals_
 from dgemma.sampler import (
     CanvasSampler,
     block_argmax,
@@ -76,7 +77,11 @@ def test_score_canvas_matches_slow_twin(scale):
         assert torch.equal(fast.sampled, slow.sampled)
         assert torch.equal(fast.argmax, slow.argmax)
         torch.testing.assert_close(fast.entropy, slow.entropy, atol=2e-5, rtol=1e-5)
-        assert torch.equal(fast.probs, torch.softmax(z, dim=-1, dtype=torch.float32))  # what soft_embedding computes
+        exact = torch.softmax(z, dim=-1, dtype=torch.float32)  # what the reference's self-conditioning computes
+        assert (fast.probs - exact).abs().max() < 2.0**-125  # only the subnormal-range entries are zeroed
+        assert torch.equal(fast.probs, flush_subnormals_(exact.clone(), below=2.0**-125))
+        emb = torch.randn(2048, 32, generator=g)
+        assert torch.equal(fast.probs @ emb, exact @ emb)  # and the self-conditioning product keeps every bit
 
 
 @pytest.mark.parametrize("shape", [(5, 4096), (2, 3, 256), (4, 96), (3, 128)])

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ConfigError, GenerationSettings, ModelConfig, read_json
-from .model import DiffusionGemma, Execution
+from .model import DEFAULT_EXECUTION, DiffusionGemma, Execution
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def load_model(
     device: str | torch.device = "cpu",
     check_finite: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
-    execution: Execution = Execution(),
+    execution: Execution = DEFAULT_EXECUTION,
 ) -> DiffusionGemma:
     """Build on the meta device, validate every tensor, then assign memory-mapped tensors (cast once if needed).
     `execution`: the model's kernels and batch invariance (`model.Execution`), fixed here.

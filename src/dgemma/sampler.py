@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .config import GenerationSettings
+from .model import flush_subnormals_
 
 
 @functools.lru_cache(maxsize=4096)
@@ -78,9 +79,14 @@ def score_canvas(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:
     - the entropy uses log p = (z - max z) + log p_max, so no log-softmax pass is needed;
     - argmaxes go through `block_argmax`.
     `torch.exp` is avoided on purpose: on CPU it takes a slow path for the underflowing entries a peaked softmax has
-    (10-20x slower); the softmax kernel does not. `u` is consumed (overwritten)."""
-    probs = torch.softmax(z, dim=-1)
-    shifted = (z - z.amax(-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)  # -inf logits: 0 * finite, no NaN
+    (10-20x slower); the softmax kernel does not. Subnormal probabilities are flushed to 0 (`flush_subnormals_`).
+    `u` is consumed (overwritten)."""
+    # Logits more than 87 below the row's max are clamped there: exp underflows below -87.3, and the softmax kernel's
+    # subnormal path is 2x slower. Their probabilities (< 2^-125 after normalising) are then zeroed with the
+    # subnormals, so no probability, entropy, sample or argmax changes; -inf logits keep probability 0 and give
+    # 0 * finite in the entropy, not NaN.
+    shifted = (z - z.amax(-1, keepdim=True)).clamp_(min=-87.0)
+    probs = flush_subnormals_(torch.softmax(shifted, dim=-1), below=2.0**-125)
     log_p_max = probs.amax(-1).log_()
     entropy = -(shifted.mul_(probs).sum(-1) + log_p_max * probs.sum(-1))
     race = probs / u.clamp_min_(1e-20).log_().neg_()

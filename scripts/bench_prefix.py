@@ -99,7 +99,9 @@ def main() -> None:
             f"{r['ttft_cache_ms']:>9.1f}ms {r['ttft_cold_ms']:>8.1f}ms {r['prefill_cache_ms']:>12.1f}ms "
             f"{r['prefill_cold_ms']:>11.1f}ms {r['speedup']:>7.2f}x"
         )
-    print(json.dumps({"bench": "prefix_cache_turn2_ttft", "threads": args.threads, "rounds": args.rounds, "rows": rows}))
+    print(
+        json.dumps({"bench": "prefix_cache_turn2_ttft", "threads": args.threads, "rounds": args.rounds, "rows": rows})
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def main() -> None:
         known = sum(w in vocab for w in words)
         rows.append(dict(prompt=prompt, text=r.text, distinct_4=distinct_4(words), words=len(words), known=known,
                          tokens=len(r.token_ids), steps=r.steps_per_canvas, seconds=r.total_s))  # fmt: skip
-        print(f"--- {prompt!r}  distinct-4 {rows[-1]['distinct_4']:.2f}  known {known}/{len(words)}  steps {r.steps_per_canvas}")
+        print(
+            f"--- {prompt!r}  distinct-4 {rows[-1]['distinct_4']:.2f}  known {known}/{len(words)}  steps {r.steps_per_canvas}"
+        )
         print(prompt + r.text)
         md.append(f"**{prompt}**{r.text}\n")
     wall = time.perf_counter() - t0

@@ -54,17 +54,13 @@ SPEAKER_RE = re.compile(r"<speaker\b[^>]*>.*?</speaker>", re.DOTALL)
 CHAPTER_RE = re.compile(r"<chapter\b([^>]*)>")
 ATTR_RE = re.compile(r'(\w+)="([^"]*)"')
 # Inline elements vanish without a space; any other tag becomes a space.
-INLINE_RE = re.compile(
-    r"</?(?:w|q|name|seg|hi|transChange|foreign|divineName|added|rdg)\b[^>]*>"
-)
+INLINE_RE = re.compile(r"</?(?:w|q|name|seg|hi|transChange|foreign|divineName|added|rdg)\b[^>]*>")
 TAG_RE = re.compile(r"<[^>]*>")
 NOTE_MARK = "\x00"  # where a footnote was: a space only if a word follows
 
 
 def sh(*cmd: str, cwd: Path | None = None) -> str:
-    return subprocess.run(
-        cmd, cwd=cwd, check=True, capture_output=True, text=True
-    ).stdout
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
 def sha256(path: Path) -> str:
@@ -127,9 +123,7 @@ def chapters(osis: str) -> list[tuple[str, str]]:
     """[(osisID like 'Gen.1', plain text)] from a verse-ordered OSIS stream."""
     osis = NOTE_RE.sub(NOTE_MARK, osis)
     osis = SPEAKER_RE.sub(" ", osis)
-    osis = TITLE_RE.sub(
-        lambda m: f" {m.group(2)} " if 'canonical="true"' in m.group(1) else " ", osis
-    )
+    osis = TITLE_RE.sub(lambda m: f" {m.group(2)} " if 'canonical="true"' in m.group(1) else " ", osis)
     parts = CHAPTER_RE.split(osis)  # text, attrs, text, attrs, ...
     texts: dict[str, list[str]] = {}
     current: str | None = None
@@ -151,9 +145,7 @@ def write_gz(src: Path) -> Path:
     dst = src.with_name(src.name + ".gz")
     with (
         dst.open("wb") as raw,
-        gzip.GzipFile(
-            filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0
-        ) as gz,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz,
     ):
         gz.write(src.read_bytes())
     return dst
@@ -167,9 +159,7 @@ def public_domain_statement(copyright_text: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--deb", type=Path, help="use this .deb instead of apt-get download"
-    )
+    ap.add_argument("--deb", type=Path, help="use this .deb instead of apt-get download")
     ap.add_argument("--out", type=Path, default=REPO / "data" / "web")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -177,9 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
         deb = args.deb.resolve() if args.deb else download_deb(tmp)
-        fields = {
-            k: sh("dpkg-deb", "-f", str(deb), k).strip() for k in ("Package", "Version")
-        }
+        fields = {k: sh("dpkg-deb", "-f", str(deb), k).strip() for k in ("Package", "Version")}
         root = tmp / "x"
         sh("dpkg-deb", "-x", str(deb), str(root))
         mod = root / MODULE_DIR
@@ -205,8 +193,7 @@ def main() -> None:
     val_chars = sum(len(t) for t in split["val"])
     all_chars = val_chars + sum(len(t) for t in split["train"])
     table = "\n".join(
-        f"| {gz.name} | {n} | {txt.stat().st_size} | `{sha256(txt)}` "
-        f"| {gz.stat().st_size} | `{sha256(gz)}` |"
+        f"| {gz.name} | {n} | {txt.stat().st_size} | `{sha256(txt)}` | {gz.stat().st_size} | `{sha256(gz)}` |"
         for name, n, txt, gz in rows
     )
     prov = f"""# World English Bible corpus — provenance

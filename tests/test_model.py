@@ -129,3 +129,18 @@ def test_invariance_refuses_the_unpadded_moe():
         Execution(moe="grouped_mm", invariant=True)
     assert Execution.for_serving("cpu") == Execution(moe="grouped", invariant=True)
     assert not Execution.for_serving("cuda").invariant
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grouped_mm_on_cuda_matches_the_loop():
+    """The sync-free MoE where it is meant to run: bf16 on the GPU, against the per-pair loop in fp32."""
+    model = random_model(tiny_config(num_experts=8, top_k_experts=2), seed=3).cuda()
+    experts = model.layers[0].experts
+    x = torch.randn(40, 64, device="cuda")
+    idx = torch.randint(0, 8, (40, 2), device="cuda")
+    w = torch.rand(40, 2, device="cuda")
+    want = experts.loop(x, w, idx)
+    torch.testing.assert_close(experts.grouped_mm(x, w, idx), want, atol=1e-4, rtol=1e-4)
+    experts.to(torch.bfloat16)
+    got = experts.grouped_mm(x.bfloat16(), w, idx).float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)

@@ -51,6 +51,7 @@ from .tokenizer import Tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
 PROBE_DRAWS = 4  # noise draws averaged by the seam probe (one batched forward)
+VOCAB_CHUNK_BYTES = 64 << 20  # vocabulary-wide temporaries of a step's scoring (see score_rows)
 
 
 # --- the request ----------------------------------------------------------------------------------------------------
@@ -236,6 +237,7 @@ class Generation:
         v = self.model.text.vocab_size
         self.sampler = CanvasSampler(self.settings, c, v, self.noise_gen, self.sample_gen, self.device, pins)
         self.released, self._runs, self._prev = [], [], None
+        self.soft = None  # [C, H] self-conditioning input of the next step (None: the canvas's first step)
 
     def _may_redraw(self) -> bool:
         """The empty-reply guard applies: first canvas, plain request, re-draws left."""
@@ -258,15 +260,6 @@ class Generation:
             pins = Pins(self.canvas_length, masks=allowed, mask_at={0: 0}, device=self.device)
         self.steps_per_canvas_redrawn.append(self.sampler.steps)
         self._new_canvas(pins)
-
-    def sc_probs(self) -> torch.Tensor | None:
-        """Self-conditioning probabilities [C, V] (fp32) for the next step; None on a canvas's first step."""
-        sc = self.sampler.sc_logits
-        if sc is None:
-            return None
-        if self.model.dtype == torch.float32:  # the sampler's softmax(z) is exactly what the reference computes
-            return self.sampler.sc_probs
-        return torch.softmax(sc.to(self.model.dtype), dim=-1, dtype=torch.float32)  # reference: logits cast first
 
     def observe(self, z: torch.Tensor, scores: CanvasScores) -> list:
         """Consume this request's temperature-scaled, constrained logits [C, V] and their scores; settle or commit."""
@@ -299,6 +292,7 @@ class Generation:
                 self._redraw()
             else:
                 events.append(self._commit(r))
+        self.sampler.sc_logits = self.sampler.sc_probs = None  # this step's [C, V] buffers are not kept
         return events
 
     def _settle(self, r: StepResult) -> list[int]:
@@ -416,6 +410,7 @@ def _draw_ahead(
     return _draw_pool.submit(draw)
 
 
+@torch.no_grad()
 def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[list]:
     """One batched denoising forward for every unfinished generation; returns each one's events."""
     if model.batch_invariant and len(generations) > 1 and model.config.canvas_length % INVARIANT_ROWS:
@@ -432,36 +427,49 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
     )
     canvases = torch.stack([g.sampler.canvas for g in generations])  # [B, C]
     cache = stack_caches([g.cache for g in generations])
-    probs = [g.sc_probs() for g in generations]
-    conditioned = [i for i, p in enumerate(probs) if p is not None]
+    conditioned = [i for i, g in enumerate(generations) if g.soft is not None]
     soft = None
-    if conditioned:  # one GEMM for every conditioned row; a canvas's first step gets zeros, as in the reference
-        embedded = model.soft_embedding_from_probs(torch.stack([probs[i] for i in conditioned]))
-        if len(conditioned) == len(generations):
-            soft = embedded
-        else:
-            soft = embedded.new_zeros(len(generations), *embedded.shape[1:])
-            soft[conditioned] = embedded  # [B, C, H]
+    if conditioned:  # a canvas's first step gets zeros, as in the reference
+        soft = torch.zeros(len(generations), *generations[conditioned[0]].soft.shape, dtype=model.dtype, device=device)
+        for i in conditioned:
+            soft[i] = generations[i].soft
     try:
         logits = model.denoise(canvases, cache, soft)  # [B, C, V]
     finally:
         uniforms = draws.result()  # never leave a draw running past the step
-    # every request's temperature at once, then one scoring pass for the batch: fewer, larger kernels, and each
-    # row is computed exactly as it would be alone
-    temperatures = torch.stack([g.sampler.temperature() for g in generations]).to(logits.device)
-    z = logits.div_(temperatures[:, None, None])
-    for b, g in enumerate(generations):
-        g.sampler.constrain(z[b])  # pins act on the scaled logits, row by row, before scoring
-    scores = score_canvas(z, uniforms)
     elapsed = (time.perf_counter() - t0) / len(generations)
     out = []
     for b, g in enumerate(generations):
-        g.denoise_s += elapsed
-        row = scores.row(b)
-        if g.sampler.adjusts_sample:  # temperature 0 or top_p: uniforms[b] now holds -log u (score_canvas)
-            row = g.sampler.adjust(row, uniforms[b])
-        out.append(g.observe(z[b], row))
+        t1 = time.perf_counter()
+        z = logits[b].div_(g.sampler.temperature().to(logits.device))
+        g.sampler.constrain(z)  # pins act on the scaled logits before scoring
+        scores, g.soft = score_rows(model, g.sampler, z, uniforms[b])
+        g.denoise_s += elapsed + time.perf_counter() - t1
+        out.append(g.observe(z, scores))
     return out
+
+
+def score_rows(model: DiffusionGemma, sampler: CanvasSampler, z: torch.Tensor, u: torch.Tensor):
+    """One request's step scores, and the next step's self-conditioning input [C, H], chunked over canvas rows so
+    the vocabulary-wide temporaries (probabilities, the race, -log u) stay at VOCAB_CHUNK_BYTES, whatever the
+    batch: the [B, C, V] buffers of a step are the logits and the uniforms only. Every operation is row-wise (and
+    the chunk a multiple of INVARIANT_ROWS rows for the GEMM), so the bits are those of one pass over the canvas."""
+    c, v = z.shape
+    rows = max(INVARIANT_ROWS, VOCAB_CHUNK_BYTES // (4 * v) // INVARIANT_ROWS * INVARIANT_ROWS)
+    parts, soft = [], []
+    for start in range(0, c, rows):
+        zr, ur = z[start : start + rows], u[start : start + rows]
+        sc = score_canvas(zr, ur)  # leaves -log u in ur
+        if sampler.adjusts_sample:  # temperature 0 or top_p
+            sc = sampler.adjust(sc, ur)
+        if model.dtype == torch.float32:  # the sampler's softmax(z) is what the reference's self-conditioning uses
+            probs = sc.probs
+        else:  # the reference casts the logits first
+            probs = torch.softmax(zr.to(model.dtype), dim=-1, dtype=torch.float32)
+        soft.append(model.soft_embedding_from_probs(probs[None])[0])
+        parts.append(sc)
+    scores = CanvasScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("sampled", "argmax", "entropy")), None)
+    return scores, torch.cat(soft)
 
 
 def run_batch(

@@ -244,7 +244,7 @@ def load_model(
     _materialise_rope(model, device)
     if check_finite or (check_finite is None and sum(t.nbytes for t in state.values()) <= FINITE_CHECK_BYTES):
         _warn_non_finite(state)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference: no autograd graph is ever built or kept
 
 
 @contextlib.contextmanager

@@ -413,8 +413,19 @@ class DiffusionGemma(nn.Module):
         return (torch.matmul(rows, w) * scale)[: b * c].view(b, c, -1)  # [B, C, H]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head, fp32, soft-capped."""
-        out = F.linear(hidden, self.embed_tokens.weight).float()  # [B, S, V]
+        """Tied LM head, fp32, soft-capped. A non-fp32 model's head output is cast into the fp32 result chunk by
+        chunk of rows, so no [B, S, V] temporary of its own dtype is held beside it."""
+        w = self.embed_tokens.weight
+        if w.dtype == torch.float32 or hidden.requires_grad:
+            out = F.linear(hidden, w).float()  # [B, S, V]
+        else:
+            b, s, h = hidden.shape
+            flat = hidden.reshape(b * s, h)
+            out = torch.empty(b * s, w.shape[0], dtype=torch.float32, device=hidden.device)
+            rows = max(INVARIANT_ROWS, (64 << 20) // (2 * w.shape[0]) // INVARIANT_ROWS * INVARIANT_ROWS)
+            for i in range(0, b * s, rows):
+                out[i : i + rows] = F.linear(flat[i : i + rows], w)
+            out = out.view(b, s, -1)
         cap = self.text.final_logit_softcapping
         if cap is None:
             return out

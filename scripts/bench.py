@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--fast-steps", type=int, default=None, help="steps per canvas of the fast-mode row (default: --steps)"
+    )
+    p.add_argument("--sc-top-k", type=int, default=32, help="fast mode: self-conditioning from the top-k probabilities")
     return p.parse_args(argv)
 
 
@@ -136,25 +140,34 @@ def main(argv=None) -> None:
     warm = dict(knobs, max_new_tokens=c, steps=2)
     time_dgemma(pipe, prompt, args.seed, warm, args.device)  # warm-up, outside the timed region
     time_reference(ref, prompt, args.seed, warm, args.device)
-    dg_times, hf_times = [], []
+    fast = dict(knobs, steps=args.fast_steps or args.steps, sc_top_k=args.sc_top_k, sparse_sampling=1)
+    time_dgemma(pipe, prompt, args.seed, dict(fast, max_new_tokens=c, steps=2), args.device)
+    dg_times, hf_times, fast_times = [], [], []
     for i in range(args.repeats):  # interleaved so machine noise hits both engines alike
         t, dg_tokens, passes = time_dgemma(pipe, prompt, args.seed + i, knobs, args.device)
         dg_times.append(t)
         t, hf_tokens = time_reference(ref, prompt, args.seed + i, knobs, args.device)
         hf_times.append(t)
+        t, fast_tokens, fast_passes = time_dgemma(pipe, prompt, args.seed + i, fast, args.device)
+        fast_times.append(t)
     assert passes == args.canvases * args.steps, passes
     n_new = args.canvases * c
-    dg, hf = statistics.median(dg_times), statistics.median(hf_times)
-    rows = [("dgemma", dg), ("transformers", hf)]
+    dg, hf, fa = statistics.median(dg_times), statistics.median(hf_times), statistics.median(fast_times)
+    rows = [("dgemma", dg, passes), ("transformers", hf, passes), ("dgemma fast", fa, fast_passes)]
     print(
         f"checkpoint: {args.model or 'random reference'}  device {args.device}  threads {torch.get_num_threads()}  "
         f"prompt {len(prompt)}  {args.canvases} canvases x {c} tokens x {args.steps} steps  median of {args.repeats}"
     )
     print(f"{'engine':<14}{'total s':>10}{'ms/step':>10}{'tokens/s':>10}")
-    for name, t in rows:
-        print(f"{name:<14}{t:>10.3f}{1000 * t / passes:>10.1f}{n_new / t:>10.1f}")
+    for name, t, n in rows:
+        print(f"{name:<14}{t:>10.3f}{1000 * t / n:>10.1f}{n_new / t:>10.1f}")
     match = dg_tokens == hf_tokens
     print(f"dgemma/transformers time ratio {dg / hf:.3f} (speed-up x{hf / dg:.2f}); tokens match: {match}")
+    agree = sum(a == b for a, b in zip(fast_tokens, dg_tokens)) / max(len(dg_tokens), 1)
+    print(
+        f"fast mode (sc_top_k={args.sc_top_k}, sparse sampling, {fast['steps']} steps): speed-up x{hf / fa:.2f} over "
+        f"transformers; token agreement with exact mode {agree:.1%} (a random model: agreement is not quality)"
+    )
     print(
         json.dumps(
             {
@@ -172,6 +185,15 @@ def main(argv=None) -> None:
                 "ratio": dg / hf,
                 "speedup": hf / dg,
                 "tokens_match": match,
+                "fast": {
+                    "total_s": fa,
+                    "steps_per_canvas": fast["steps"],
+                    "sc_top_k": args.sc_top_k,
+                    "sparse_sampling": 1,
+                    "tokens_per_s": n_new / fa,
+                    "speedup": hf / fa,
+                    "token_agreement_with_exact": agree,
+                },
             }
         )
     )

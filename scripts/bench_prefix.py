@@ -29,7 +29,8 @@ VAL = Path(__file__).resolve().parent.parent / "data" / "web" / "val.txt.gz"
 
 
 def system_text(pipe: Pipeline, tokens: int) -> str:
-    words = gzip.open(VAL, "rt", encoding="utf-8").read().split()
+    with gzip.open(VAL, "rt", encoding="utf-8") as f:
+        words = f.read().split()
     lo, hi = 1, len(words)
     while lo < hi:  # the longest word prefix within `tokens` tokens
         mid = (lo + hi + 1) // 2

@@ -58,8 +58,18 @@ def main() -> None:
         r = pipe.generate(prompt, seed=args.seed + i, **knobs)
         words = [w.lower() for w in WORD.findall(r.text)]
         known = sum(w in vocab for w in words)
-        rows.append(dict(prompt=prompt, text=r.text, distinct_4=distinct_4(words), words=len(words), known=known,
-                         tokens=len(r.token_ids), steps=r.steps_per_canvas, seconds=r.total_s))  # fmt: skip
+        rows.append(
+            {
+                "prompt": prompt,
+                "text": r.text,
+                "distinct_4": distinct_4(words),
+                "words": len(words),
+                "known": known,
+                "tokens": len(r.token_ids),
+                "steps": r.steps_per_canvas,
+                "seconds": r.total_s,
+            }
+        )
         print(
             f"--- {prompt!r}  distinct-4 {rows[-1]['distinct_4']:.2f}  known {known}/{len(words)}  steps {r.steps_per_canvas}"
         )

@@ -169,6 +169,9 @@ class GenerationSettings:
     # not read from generation_config.json: the reference ignores temperature/top_p there (spec d.2); per call only
     temperature: float = _knob(1.0, "non_negative_float", "scales the t_min..t_max schedule; 0: argmax samples")
     top_p: float = _knob(1.0, "positive_float", "nucleus cut of each position's sample (<= 1)")
+    # fast mode (opt-in approximations; 0 = exact, the reference's semantics)
+    sc_top_k: int = _knob(0, "non_negative_int", "fast: self-conditioning from each position's top-k probabilities")
+    sparse_sampling: int = _knob(0, "non_negative_int", "fast: 1 samples only the positions acceptance keeps")
     empty_redraws: int = _knob(
         0, "non_negative_int", "re-draws of a first canvas that starts with EOS (0: off, as the reference)"
     )
@@ -184,6 +187,9 @@ class GenerationSettings:
         _check_int(self.steps, "steps", 1)
         _check_int(self.stability_threshold, "stability_threshold", 0)
         _check_int(self.empty_redraws, "empty_redraws", 0)
+        _check_int(self.sc_top_k, "sc_top_k", 0)
+        if self.sparse_sampling not in (0, 1) or isinstance(self.sparse_sampling, bool):
+            raise ConfigError(f"sparse_sampling must be 0 or 1, got {self.sparse_sampling!r}")
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -42,9 +42,19 @@ from .infill import (
     move_space,
 )
 from .loader import TORCH_DTYPES, load_generation_settings, load_model, resolve_model_dir
-from .model import INVARIANT_ROWS, DiffusionGemma
+from .model import INVARIANT_ROWS, DiffusionGemma, flush_subnormals_
 from .runtime import tune_allocator
-from .sampler import CanvasSampler, CanvasScores, Layout, Pins, StepResult, make_generators, score_canvas
+from .sampler import (
+    CanvasSampler,
+    CanvasScores,
+    Layout,
+    Pins,
+    StepResult,
+    block_argmax,
+    make_generators,
+    score_canvas,
+    token_entropy_from,
+)
 from .structured import structured_layout
 from .text import TextStream
 from .tokenizer import Tokenizer
@@ -418,8 +428,10 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         return [denoise_step(model, [g])[0] for g in generations]
     t0 = time.perf_counter()
     device = model.embed_tokens.weight.device
+    dense = [g for g in generations if not g.settings.sparse_sampling]  # fast mode draws later, fewer rows
+    row_of = {id(g): i for i, g in enumerate(dense)}
     draws = _draw_ahead(
-        generations,
+        dense,
         model.config.canvas_length,
         model.text.vocab_size,
         device,
@@ -443,33 +455,48 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         t1 = time.perf_counter()
         z = logits[b].div_(g.sampler.temperature().to(logits.device))
         g.sampler.constrain(z)  # pins act on the scaled logits before scoring
-        scores, g.soft = score_rows(model, g.sampler, z, uniforms[b])
+        u = uniforms[row_of[id(g)]] if id(g) in row_of else None
+        scores, g.soft = score_rows(model, g.sampler, z, u)
         g.denoise_s += elapsed + time.perf_counter() - t1
         out.append(g.observe(z, scores))
     return out
 
 
-def score_rows(model: DiffusionGemma, sampler: CanvasSampler, z: torch.Tensor, u: torch.Tensor):
+def score_rows(model: DiffusionGemma, sampler: CanvasSampler, z: torch.Tensor, u: torch.Tensor | None):
     """One request's step scores, and the next step's self-conditioning input [C, H], chunked over canvas rows so
     the vocabulary-wide temporaries (probabilities, the race, -log u) stay at VOCAB_CHUNK_BYTES, whatever the
     batch: the [B, C, V] buffers of a step are the logits and the uniforms only. Every operation is row-wise (and
-    the chunk a multiple of INVARIANT_ROWS rows for the GEMM), so the bits are those of one pass over the canvas."""
+    the chunk a multiple of INVARIANT_ROWS rows for the GEMM), so the bits are those of one pass over the canvas.
+
+    Fast mode: `sc_top_k` builds the self-conditioning input from each position's top-k probabilities
+    (`model.soft_embedding_top_k`); `sparse_sampling` (u is None) draws and samples only the positions the
+    acceptance rule keeps, after the entropies are known (`sample_accepted`)."""
     c, v = z.shape
+    settings = sampler.settings
     rows = max(INVARIANT_ROWS, VOCAB_CHUNK_BYTES // (4 * v) // INVARIANT_ROWS * INVARIANT_ROWS)
     parts, soft = [], []
     for start in range(0, c, rows):
-        zr, ur = z[start : start + rows], u[start : start + rows]
-        sc = score_canvas(zr, ur)  # leaves -log u in ur
-        if sampler.adjusts_sample:  # temperature 0 or top_p
-            sc = sampler.adjust(sc, ur)
+        zr = z[start : start + rows]
+        if u is None:
+            probs = flush_subnormals_(torch.softmax(zr, dim=-1))
+            sc = CanvasScores(None, block_argmax(zr), token_entropy_from(zr, probs), probs)
+        else:
+            ur = u[start : start + rows]
+            sc = score_canvas(zr, ur)  # leaves -log u in ur
+            if sampler.adjusts_sample:  # temperature 0 or top_p
+                sc = sampler.adjust(sc, ur)
         if model.dtype == torch.float32:  # the sampler's softmax(z) is what the reference's self-conditioning uses
             probs = sc.probs
         else:  # the reference casts the logits first
             probs = torch.softmax(zr.to(model.dtype), dim=-1, dtype=torch.float32)
-        soft.append(model.soft_embedding_from_probs(probs[None])[0])
+        if settings.sc_top_k:
+            soft.append(model.soft_embedding_top_k(probs[None], settings.sc_top_k)[0])
+        else:
+            soft.append(model.soft_embedding_from_probs(probs[None])[0])
         parts.append(sc)
-    scores = CanvasScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("sampled", "argmax", "entropy")), None)
-    return scores, torch.cat(soft)
+    argmax, entropy = (torch.cat([getattr(p, f) for p in parts]) for f in ("argmax", "entropy"))
+    sampled = sampler.sample_accepted(z, entropy, argmax) if u is None else torch.cat([p.sampled for p in parts])
+    return CanvasScores(sampled, argmax, entropy, None), torch.cat(soft)
 
 
 def run_batch(

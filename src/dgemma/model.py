@@ -412,6 +412,15 @@ class DiffusionGemma(nn.Module):
         rows = pad_rows(rows)
         return (torch.matmul(rows, w) * scale)[: b * c].view(b, c, -1)  # [B, C, H]
 
+    def soft_embedding_top_k(self, probs: torch.Tensor, k: int) -> torch.Tensor:
+        """Fast-mode twin of `soft_embedding_from_probs`: only each row's k most probable tokens enter
+        (sum_k p_k E[t_k] * sqrt(H), not renormalised), a gather of k embedding rows instead of a GEMM over V."""
+        w = self.embed_tokens.weight
+        scale = torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(w.dtype)
+        values, index = probs.topk(min(k, probs.shape[-1]), dim=-1)  # [B, C, k]
+        rows = w[index]  # [B, C, k, H]
+        return torch.einsum("bck,bckh->bch", values.to(w.dtype), rows) * scale
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head, fp32, soft-capped. A non-fp32 model's head output is cast into the fp32 result chunk by
         chunk of rows, so no [B, S, V] temporary of its own dtype is held beside it."""

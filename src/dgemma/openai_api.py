@@ -66,6 +66,8 @@ class GenerationFields(BaseModel):
     confidence_threshold: float | None = Field(None, gt=0, le=1e9)
     stability_threshold: int | None = Field(None, ge=0, le=1024)
     empty_redraws: int | None = Field(None, ge=0, le=8)
+    sc_top_k: int | None = Field(None, ge=0, le=2**20)
+    sparse_sampling: int | None = Field(None, ge=0, le=1)
     chat_template: Any = None
     chat_template_kwargs: Any = None
 

@@ -87,10 +87,20 @@ def score_canvas(z: torch.Tensor, u: torch.Tensor) -> CanvasScores:
     # 0 * finite in the entropy, not NaN.
     shifted = (z - z.amax(-1, keepdim=True)).clamp_(min=-87.0)
     probs = flush_subnormals_(torch.softmax(shifted, dim=-1), below=2.0**-125)
-    log_p_max = probs.amax(-1).log_()
-    entropy = -(shifted.mul_(probs).sum(-1) + log_p_max * probs.sum(-1))
+    entropy = _entropy(shifted, probs)
     race = probs / u.clamp_min_(1e-20).log_().neg_()
     return CanvasScores(block_argmax(race), block_argmax(z), entropy, probs)
+
+
+def _entropy(shifted: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """-sum p log p with log p = (z - max z) + log p_max (`shifted` is consumed)."""
+    log_p_max = probs.amax(-1).log_()
+    return -(shifted.mul_(probs).sum(-1) + log_p_max * probs.sum(-1))
+
+
+def token_entropy_from(z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The entropies `score_canvas` computes, from z and its (flushed) softmax."""
+    return _entropy((z - z.amax(-1, keepdim=True)).clamp_(min=-87.0), probs)
 
 
 def block_argmax(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -314,6 +324,31 @@ class CanvasSampler:
         scores = score_canvas(z, u)  # leaves -log u in u
         return self.advance(z, self.adjust(scores, u) if self.adjusts_sample else scores)
 
+    def accepted(self, entropy: torch.Tensor) -> torch.Tensor:
+        """The acceptance rule: [C] bool, pinned positions never (they are not predictions)."""
+        pins = self.pins
+        if pins is None or not pins.count:
+            return entropy_bound_mask(entropy, self.settings.entropy_bound)
+        return entropy_bound_mask(entropy.masked_fill(pins.fixed, math.inf), self.settings.entropy_bound) & ~pins.fixed
+
+    def sample_accepted(self, z: torch.Tensor, entropy: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+        """Fast mode (`sparse_sampling`): the sample [C] at the positions `accepted` keeps, drawn with uniforms for
+        those rows only (rand((n, V)) from the sampling generator: not the exact protocol's numbers); the argmax
+        elsewhere (renoised anyway). Temperature 0 and top_p act as in `adjust`."""
+        rows = self.accepted(entropy).nonzero()[:, 0]
+        sampled = argmax.clone()
+        if self.settings.temperature == 0 or not len(rows):
+            return sampled
+        g = self.sample_gen
+        u = torch.rand((len(rows), z.shape[-1]), generator=g, device=g.device).to(z.device)
+        probs = flush_subnormals_(torch.softmax(z[rows], dim=-1))
+        noise = u.clamp_min_(1e-20).log_().neg_()
+        if self.settings.top_p < 1:
+            sampled[rows] = nucleus_sample(probs, noise, self.settings.top_p)
+        else:
+            sampled[rows] = block_argmax(probs / noise)
+        return sampled
+
     def advance(self, z: torch.Tensor, scores: CanvasScores) -> StepResult:
         """Accept, renoise and decide to stop, given this step's temperature-scaled (and `constrain`ed) logits
         z [C, V] and their `score_canvas`."""
@@ -322,13 +357,12 @@ class CanvasSampler:
         self.steps += 1
         argmax, entropy = scores.argmax, scores.entropy
         pins = self.pins
+        accepted = self.accepted(entropy)
         if pins is None or not pins.count:
-            accepted = entropy_bound_mask(entropy, s.entropy_bound)
             self.canvas = torch.where(accepted, scores.sampled, self._noise(z.shape[-2]))  # then the renoise draw
             mean = entropy.mean()
         else:
             free = ~pins.fixed
-            accepted = entropy_bound_mask(entropy.masked_fill(pins.fixed, math.inf), s.entropy_bound) & free
             self.canvas = pins.apply(torch.where(accepted, scores.sampled, self._noise(z.shape[-2])))
             argmax = pins.apply(argmax)
             mean = torch.where(free, entropy, 0.0).sum() / max(free.numel() - pins.count, 1)

@@ -38,11 +38,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 SIZES = {  # "bundled": scripts/train_bundled.sh's shape; "large": twice as wide and deep, 4x the vocabulary
-    "bundled": {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128, "num_hidden_layers": 4,
-                "head_dim": 32, "global_head_dim": 64, "sliding_window": 128, "vocab": 4096, "canvas": 32},
-    "large": {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 512, "num_hidden_layers": 6,
-              "head_dim": 64, "global_head_dim": 128, "sliding_window": 512, "vocab": 8192, "canvas": 64},
-}  # fmt: skip
+    "bundled": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "head_dim": 32,
+        "global_head_dim": 64,
+        "sliding_window": 128,
+        "vocab": 4096,
+        "canvas": 32,
+    },
+    "large": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 512,
+        "num_hidden_layers": 6,
+        "head_dim": 64,
+        "global_head_dim": 128,
+        "sliding_window": 512,
+        "vocab": 8192,
+        "canvas": 64,
+    },
+}
 
 
 def random_checkpoint(out: Path, size: str) -> Path:
@@ -52,10 +70,18 @@ def random_checkpoint(out: Path, size: str) -> Path:
     vocab, canvas = shape.pop("vocab"), shape.pop("canvas")
     tok = train_bpe(load_corpus_lines(ROOT / "data" / "web" / "val.txt.gz"), vocab_size=vocab)
     text = {
-        **shape, "vocab_size": max(vocab, tok.get_vocab_size()), "num_experts": 4, "top_k_experts": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_global_key_value_heads": 1, "max_position_embeddings": 4096,
-        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-    }  # fmt: skip
+        **shape,
+        "vocab_size": max(vocab, tok.get_vocab_size()),
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_global_key_value_heads": 1,
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+    }
     config = ModelConfig.from_dict({"canvas_length": canvas, "text_config": text, "eos_token_id": [1]})
     torch.manual_seed(0)
     model = DiffusionGemma(config)
@@ -78,9 +104,13 @@ def main() -> None:
     ap.add_argument("--random", choices=sorted(SIZES), help="benchmark a random model of this size instead")
     ap.add_argument("--clients", default="1,2,4,8", help="comma-separated concurrency levels")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (the same set at every level)")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="run the levels in turn this many times (1, 8, 1, 8, ...): slow drifts of a shared machine "
-                         "then hit every level alike")  # fmt: skip
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="run the levels in turn this many times (1, 8, 1, 8, ...): slow drifts of a shared machine "
+        "then hit every level alike",
+    )
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="max steps per canvas (default: 12 for a random model)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -116,27 +146,38 @@ def main() -> None:
     ref = rows[0]["texts"]
     identical = all(r["texts"] == ref for r in rows)
     cfg = pipe.model.config
-    print(f"model: {kind} {model_dir if kind == 'given' else ''} | hidden {cfg.text.hidden_size}, "
-          f"{cfg.text.num_hidden_layers} layers, {cfg.text.num_experts} experts, canvas {cfg.canvas_length}, "
-          f"vocab {cfg.text.vocab_size} | "
-          f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, threads {args.threads or 'default'}, "
-          f"{args.workers} workers, processes {args.processes or 'default'}, "
-          f"settle {knobs['stream_options'] or 'server default'}")  # fmt: skip
-    print(f"{'clients':>7} {'reqs':>5} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'ratio':>6} {'1st text':>8} "
-          f"{'1st commit':>10} {'p50 s':>6} {'p99 s':>6}")  # fmt: skip
+    print(
+        f"model: {kind} {model_dir if kind == 'given' else ''} | hidden {cfg.text.hidden_size}, "
+        f"{cfg.text.num_hidden_layers} layers, {cfg.text.num_experts} experts, canvas {cfg.canvas_length}, "
+        f"vocab {cfg.text.vocab_size} | "
+        f"max_tokens {args.max_tokens}, steps {steps or 'checkpoint'}, threads {args.threads or 'default'}, "
+        f"{args.workers} workers, processes {args.processes or 'default'}, "
+        f"settle {knobs['stream_options'] or 'server default'}"
+    )
+    print(
+        f"{'clients':>7} {'reqs':>5} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'ratio':>6} {'1st text':>8} "
+        f"{'1st commit':>10} {'p50 s':>6} {'p99 s':>6}"
+    )
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>5} {r['tokens']:>6} {r['wall_s']:>7.1f} {r['tokens_per_s']:>7.1f} "
-              f"{r['tokens_per_s'] / base:>6.2f} {fmt(r['first_text_p50_s']):>8} {fmt(r['first_commit_p50_s']):>10} "
-              f"{r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f}")  # fmt: skip
+        print(
+            f"{r['clients']:>7} {r['requests']:>5} {r['tokens']:>6} {r['wall_s']:>7.1f} {r['tokens_per_s']:>7.1f} "
+            f"{r['tokens_per_s'] / base:>6.2f} {fmt(r['first_text_p50_s']):>8} {fmt(r['first_commit_p50_s']):>10} "
+            f"{r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f}"
+        )
     print(f"seeded outputs identical across concurrency levels: {identical}")
     summary = {
-        "model": kind, "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
+        "model": kind,
+        "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
         "ratio_at_max": rows[-1]["tokens_per_s"] / base,
-        "requests_ratio_at_max": rows[-1]["requests_per_s"] / rows[0]["requests_per_s"], "identical_outputs": identical,
-        "max_tokens": args.max_tokens, "steps": steps, "threads": args.threads, "workers": args.workers,
+        "requests_ratio_at_max": rows[-1]["requests_per_s"] / rows[0]["requests_per_s"],
+        "identical_outputs": identical,
+        "max_tokens": args.max_tokens,
+        "steps": steps,
+        "threads": args.threads,
+        "workers": args.workers,
         "processes": args.processes,
         "settle": knobs["stream_options"],
-    }  # fmt: skip
+    }
     print(json.dumps(summary))
 
 

@@ -23,7 +23,6 @@ from starlette.concurrency import run_in_threadpool
 from . import openai_api as oa
 from .asgi import answer
 from .chat import ToolCall
-from .config import ConfigError
 from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
 
 PATH = "/v1/messages"
@@ -142,13 +141,7 @@ def chat_prompt(fe: Frontend, body: CountTokensRequest) -> tuple:
             raise bad('thinking.type must be "enabled" or "disabled"', "thinking")
         kwargs["enable_thinking"] = body.thinking.type == "enabled"
 
-    def prompt() -> list[int]:
-        try:
-            return fe.pipeline.prompt_ids(messages=messages, tools=tools, **kwargs)
-        except ConfigError as e:
-            raise bad(str(e), "messages") from None
-
-    return prompt, {"parse": True, "tools": tools, "force_tool": force, "force_name": name}
+    return fe.chat(messages, tools, kwargs, force, name)
 
 
 def template_messages(body: CountTokensRequest) -> list[dict]:

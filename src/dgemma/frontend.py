@@ -167,6 +167,20 @@ class Frontend:
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
 
+    def chat(
+        self, messages: list[dict], tools: list[dict] | None, template: dict, force: bool, name: str | None
+    ) -> tuple[Callable[[], list[int]], dict]:
+        """A chat request's prompt thunk (the checkpoint's template; its errors are 400s) and the chat fields of
+        Params, for every protocol."""
+
+        def prompt() -> list[int]:
+            try:
+                return self.pipeline.prompt_ids(messages=messages, tools=tools, **template)
+            except ConfigError as e:
+                raise bad(str(e), "messages") from None
+
+        return prompt, {"parse": True, "tools": tools, "force_tool": force, "force_name": name}
+
     # --- validation ------------------------------------------------------------------------------------------
     async def plan(self, p: Params) -> Plan:
         if p.n > self.max_n:

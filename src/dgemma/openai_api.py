@@ -252,13 +252,7 @@ def chat_prompt(fe: Frontend, body: ChatRequest) -> tuple[Callable[[], list[int]
     if body.tool_choice == "none":  # the model is not told about the tools, and a call would stay text
         tools = None
 
-    def prompt() -> list[int]:
-        try:
-            return fe.pipeline.prompt_ids(messages=messages, tools=tools, **kwargs)
-        except ConfigError as e:
-            raise bad(str(e), "messages") from None
-
-    return prompt, {"parse": True, "tools": tools, "force_tool": force, "force_name": name}
+    return fe.chat(messages, tools, kwargs, force, name)
 
 
 def check_tools(tools: list[dict]) -> list[dict]:

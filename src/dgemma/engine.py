@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .cache import PrefixCache
+from .cache import CacheRow, PrefixCache, StaticCache
 from .generate import CanvasEvent, Generation, Request, SettleEvent, denoise_step
 from .model import DiffusionGemma, Execution
 
 log = logging.getLogger(__name__)
+STATIC_CAPACITY = 1024  # full-attention keys per row at first; doubled when a request needs more
 
 
 class QueueFull(RuntimeError):
@@ -95,6 +96,7 @@ class Engine:
         # seeded outputs must not depend on batch composition: invariant kernels where invariance holds (CPU)
         model = model.with_execution(Execution.for_serving(model.embed_tokens.weight.device))
         self.model = model
+        self._static: StaticCache | None = None  # the batch's KV cache, made at the first admission
         self._queue: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._cv = threading.Condition()
@@ -200,17 +202,33 @@ class Engine:
         keep = []
         for job in self._active:
             if job.cancelled:
-                job.gen = None  # frees its cache
+                self._release(job)
                 self.counters["cancelled"] += 1
             else:
                 keep.append(job)
         self._active = keep
+
+    def _release(self, job: Job, keep: bool = False) -> None:
+        """Free a job's static-cache row (the last row moves into it); drop its generation unless `keep` (a finished
+        one: the front end may still read its counters)."""
+        gen = job.gen
+        if gen is not None and isinstance(gen.cache, CacheRow) and gen.cache.slot >= 0:
+            self._static.release(gen.cache)
+            gen.cache = None
+        if not keep:
+            job.gen = None
+
+    def _static_cache(self, gen: Generation) -> StaticCache:
+        if self._static is None:
+            self._static = StaticCache(gen.cache, self.max_batch, STATIC_CAPACITY, self.model.config.canvas_length)
+        return self._static
 
     def _admit(self, job: Job) -> None:
         job.admitted = time.perf_counter()
         try:
             job.gen = Generation(self.model, job.request)
             job.gen.prefill(self.prefix_cache)
+            job.gen.cache = self._static_cache(job.gen).admit(job.gen.cache)  # O(its own cache), once
         except Exception as e:  # a bad request must not take the worker down
             log.exception("prefill failed")
             job.gen = None
@@ -220,7 +238,7 @@ class Engine:
             self._active.append(job)
 
     def _step(self) -> None:
-        jobs = list(self._active)
+        jobs = sorted(self._active, key=lambda j: j.gen.cache.slot)  # rows [0, B) of the static cache, in order
         try:
             results = self._denoise([j.gen for j in jobs])
         except Exception as e:  # e.g. out of memory: fail this batch, keep serving
@@ -228,13 +246,16 @@ class Engine:
             with self._cv:
                 self._active = [j for j in self._active if j not in jobs]
             for job in jobs:
-                job.gen = None
+                self._release(job)
                 job.deliver(Failed(f"generation failed: {type(e).__name__}"))
             return
         self.counters["steps"] += 1
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(jobs))
         for job, events in zip(jobs, results):
             self._deliver(job, events)
+        for job in jobs:
+            if job.gen is not None and job.gen.finished:
+                self._release(job, keep=True)
         with self._cv:
             self._active = [j for j in self._active if j.gen is not None and not j.gen.finished]
 

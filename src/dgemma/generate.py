@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import PrefixCache, stack_caches
+from .cache import CacheRow, KVCache, PrefixCache, stack_caches
 from .chat import ChatParser, Delta
 from .config import ConfigError, GenerationSettings
 from .infill import (
@@ -438,7 +438,7 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         inline=device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1),
     )
     canvases = torch.stack([g.sampler.canvas for g in generations])  # [B, C]
-    cache = stack_caches([g.cache for g in generations])
+    cache = batch_cache([g.cache for g in generations])
     conditioned = [i for i, g in enumerate(generations) if g.soft is not None]
     soft = None
     if conditioned:  # a canvas's first step gets zeros, as in the reference
@@ -460,6 +460,17 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         g.denoise_s += elapsed + time.perf_counter() - t1
         out.append(g.observe(z, scores))
     return out
+
+
+def batch_cache(caches: list) -> KVCache:
+    """The caches of a step's requests as one: a view of the static cache's rows [0, B) when the requests are
+    exactly those rows in order (the serving engine's batch), else the dynamic caches stacked (a copy)."""
+    first = caches[0]
+    if isinstance(first, CacheRow) and all(
+        isinstance(c, CacheRow) and c.static is first.static and c.slot == i for i, c in enumerate(caches)
+    ):
+        return first.static.batch(len(caches))
+    return stack_caches(caches)
 
 
 def score_rows(model: DiffusionGemma, sampler: CanvasSampler, z: torch.Tensor, u: torch.Tensor | None):

@@ -150,14 +150,22 @@ def pad_rows(x: torch.Tensor, multiple: int = INVARIANT_ROWS) -> torch.Tensor:
 
 
 def attend_rowwise(q, k, v, allowed, impl: str = "sdpa"):
-    """Batch-invariant attention for left-padded rows: each row attends over only its own keys (its padding cut off
-    by slicing), exactly as it would alone; padding shifts where keys fall in the kernel's blocks and changes bits."""
+    """Batch-invariant attention for padded rows: each row attends over only its own keys, exactly as it would
+    alone (padding shifts where keys fall in the kernel's blocks and changes bits). A row whose valid keys are a
+    suffix (left padding, the dynamic cache) is sliced; otherwise (a static cache's right-padded rows followed by
+    the canvas) its valid keys are gathered, in order."""
     valid = allowed.any(dim=2)[:, 0]  # [B, T] keys some query of the row may see
-    assert bool((valid[:, 1:] >= valid[:, :-1]).all()), "rowwise attention expects left padding"
     t, out = valid.shape[1], []
-    for b, n in enumerate(valid.sum(1).tolist()):
-        s = t - n
-        out.append(ATTENTION[impl](q[b : b + 1], k[b : b + 1, :, s:], v[b : b + 1, :, s:], allowed[b : b + 1, ..., s:]))
+    counts = valid.sum(1).tolist()
+    suffix = (valid[:, 1:] >= valid[:, :-1]).all(dim=1).tolist()
+    for b, (n, is_suffix) in enumerate(zip(counts, suffix)):
+        if is_suffix:
+            s = t - n
+            kb, vb, ab = k[b : b + 1, :, s:], v[b : b + 1, :, s:], allowed[b : b + 1, ..., s:]
+        else:
+            idx = valid[b].nonzero()[:, 0]
+            kb, vb, ab = k[b : b + 1, :, idx], v[b : b + 1, :, idx], allowed[b : b + 1, ..., idx]
+        out.append(ATTENTION[impl](q[b : b + 1], kb, vb, ab))
     return torch.cat(out)  # [B, h, S, D]
 
 

@@ -2,8 +2,8 @@
 denoise steps.
 
 Requests (`generate.Request`, unchanged from the boundary) wait in a bounded FIFO. Between steps the worker drops
-cancelled jobs, admits queued ones up to `max_batch` (prefill), and advances all active ones with one batched
-`denoise_step`, so requests with different prompt lengths, step counts and pins join and leave freely. The model runs
+cancelled jobs, admits queued ones up to `max_batch` (prefill, then a copy into the batch's `StaticCache` row), and
+advances all active ones with one batched `denoise_step` (reading the static rows as views), so requests with different prompt lengths, step counts and pins join and leave freely. The model runs
 in `batch_invariant` mode, so a seeded request gives the same tokens alone or in any batch. Each job's events (the
 Generation's own StepEvent / SettleEvent / CanvasEvent, then Finished or Failed) go back through its `deliver`
 callback (the server wraps `loop.call_soon_threadsafe`). It knows nothing about text, HTTP or asyncio.

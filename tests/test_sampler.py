@@ -113,6 +113,21 @@ def test_is_stable():
     assert not is_stable([a], a, 2) and is_stable([b, a, a], a, 2)
 
 
+@pytest.mark.parametrize("threshold", [0, 1, 2, 3])
+def test_device_stop_flags_match_the_host_rule(threshold):
+    """`prepare` decides stability on the device (one host read per batch step); it agrees with `is_stable`."""
+    settings = GenerationSettings(steps=50, stability_threshold=threshold, confidence_threshold=1e9)
+    sampler = CanvasSampler(settings, 4, 8, *make_generators(0))
+    g = torch.Generator().manual_seed(threshold)
+    for _ in range(12):
+        z = torch.zeros(4, 8)
+        z[torch.arange(4), torch.randint(0, 2, (4,), generator=g)] = 50.0  # argmax flips between two tokens
+        scores = score_canvas(z.clone(), sampler.draw())
+        want = is_stable(sampler.history, scores.argmax, threshold)
+        r = sampler.resolve(p := sampler.prepare(z, scores), p.flags.tolist())
+        assert r.done == want and r.first_token == int(scores.argmax[0])
+
+
 def peaked_logits(c: int, v: int, token: int = 3) -> torch.Tensor:
     z = torch.zeros(c, v)
     z[:, token] = 60.0

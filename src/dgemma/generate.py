@@ -271,9 +271,13 @@ class Generation:
         self.steps_per_canvas_redrawn.append(self.sampler.steps)
         self._new_canvas(pins)
 
-    def observe(self, z: torch.Tensor, scores: CanvasScores) -> list:
-        """Consume this request's temperature-scaled, constrained logits [C, V] and their scores; settle or commit."""
-        r = self.sampler.advance(z, scores)
+    def observe(self, z: torch.Tensor, scores: CanvasScores, pending=None, flags: list[float] | None = None) -> list:
+        """Consume this request's temperature-scaled, constrained logits [C, V] and their scores; settle or commit.
+        `pending`/`flags`: the step's device half (`sampler.prepare`) and its flags, when the batch read them."""
+        if pending is None:
+            r = self.sampler.advance(z, scores)
+        else:
+            r = self.sampler.resolve(pending, flags)
         self.forward_passes += 1
         events: list = []
         settled = []
@@ -298,7 +302,7 @@ class Generation:
         if settled:
             events.append(SettleEvent(self.canvas_index, settled))
         if r.done:
-            if self._may_redraw() and int(r.argmax[0]) in self.eos:
+            if self._may_redraw() and r.first_token in self.eos:
                 self._redraw()
             else:
                 events.append(self._commit(r))
@@ -450,16 +454,17 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
     finally:
         uniforms = draws.result()  # never leave a draw running past the step
     elapsed = (time.perf_counter() - t0) / len(generations)
-    out = []
+    pending = []
     for b, g in enumerate(generations):
         t1 = time.perf_counter()
         z = logits[b].div_(g.sampler.temperature().to(logits.device))
         g.sampler.constrain(z)  # pins act on the scaled logits before scoring
         u = uniforms[row_of[id(g)]] if id(g) in row_of else None
         scores, g.soft = score_rows(model, g.sampler, z, u)
+        pending.append((z, scores, g.sampler.prepare(z, scores)))
         g.denoise_s += elapsed + time.perf_counter() - t1
-        out.append(g.observe(z, scores))
-    return out
+    flags = torch.stack([p.flags for _, _, p in pending]).tolist()  # the step's one host read, for the whole batch
+    return [g.observe(z, scores, p, f) for g, (z, scores, p), f in zip(generations, pending, flags)]
 
 
 def batch_cache(caches: list) -> KVCache:

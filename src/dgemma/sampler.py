@@ -246,6 +246,7 @@ class StepResult:
     entropy: torch.Tensor  # [C] per-position entropy of the temperature-scaled distribution
     mean_entropy: float  # over the free (unpinned) positions
     done: bool  # stable and confident, or out of steps
+    first_token: int | None = None  # argmax[0], read with the flags (the empty-reply guard needs it)
 
 
 class CanvasSampler:
@@ -351,7 +352,14 @@ class CanvasSampler:
 
     def advance(self, z: torch.Tensor, scores: CanvasScores) -> StepResult:
         """Accept, renoise and decide to stop, given this step's temperature-scaled (and `constrain`ed) logits
-        z [C, V] and their `score_canvas`."""
+        z [C, V] and their `score_canvas`: `prepare` then `resolve` (one host read of this request's flags)."""
+        pending = self.prepare(z, scores)
+        return self.resolve(pending, pending.flags.tolist())
+
+    def prepare(self, z: torch.Tensor, scores: CanvasScores) -> PendingStep:
+        """The device half of a step: acceptance, the renoise, the argmax history, and the stop rule's inputs as
+        one small tensor `flags` [stable, confident, mean entropy, first argmax], so a batch reads every request's
+        flags from the device at once (`generate.denoise_step`)."""
         s = self.settings
         remaining = s.steps - self.steps
         self.steps += 1
@@ -366,10 +374,35 @@ class CanvasSampler:
             self.canvas = pins.apply(torch.where(accepted, scores.sampled, self._noise(z.shape[-2])))
             argmax = pins.apply(argmax)
             mean = torch.where(free, entropy, 0.0).sum() / max(free.numel() - pins.count, 1)
-        stable = is_stable(self.history, argmax, s.stability_threshold)
-        self.history = (self.history + [argmax])[-max(s.stability_threshold, 1) :]
-        confident = bool(mean < s.confidence_threshold)  # compared in float32, as the reference does
+        k = s.stability_threshold
+        if k == 0:
+            stable = torch.ones((), dtype=torch.bool, device=argmax.device)
+        elif len(self.history) < k:
+            stable = torch.zeros((), dtype=torch.bool, device=argmax.device)
+        else:  # the last k argmax canvases all equal this one, decided on the device
+            stable = torch.stack([(h == argmax).all() for h in self.history[-k:]]).all()
+        self.history = (self.history + [argmax])[-max(k, 1) :]
+        confident = mean < s.confidence_threshold  # compared in float32, as the reference does
         self.sc_logits, self.sc_probs = z, scores.probs
-        done = (stable and confident) or remaining == 1
-        self.last = StepResult(self.steps, self.canvas, argmax, accepted, entropy, float(mean), done)
+        flags = torch.stack([stable.float(), confident.float(), mean.float(), argmax[0].float()])
+        return PendingStep(self.steps, argmax, accepted, entropy, remaining == 1, flags)
+
+    def resolve(self, pending: PendingStep, flags: list[float]) -> StepResult:
+        """The host half: the stop decision from the flags read back."""
+        stable, confident, mean = bool(flags[0]), bool(flags[1]), flags[2]
+        done = (stable and confident) or pending.last
+        self.last = StepResult(pending.step, self.canvas, pending.argmax, pending.accepted, pending.entropy, mean, done)
+        self.last.first_token = int(flags[3])
         return self.last
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A step whose stop decision waits for its flags from the device."""
+
+    step: int
+    argmax: torch.Tensor
+    accepted: torch.Tensor
+    entropy: torch.Tensor
+    last: bool  # out of steps: done whatever the flags say
+    flags: torch.Tensor  # [stable, confident, mean entropy, argmax[0]] (float32, on the device)

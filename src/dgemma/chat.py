@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import secrets
 from typing import Self
@@ -55,11 +56,20 @@ class ToolCall:
 
 @dataclasses.dataclass
 class Delta:
-    """What became final in one push: visible content, reasoning, and completed tool calls."""
+    """What became final in one push: visible content, reasoning, and completed tool calls; `pieces` keeps them in
+    the order the model wrote them ("content" | "reasoning" | "call", value), so the text layer can cut all that
+    follows a stop string."""
 
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+    pieces: list[tuple[str, object]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.pieces:
+            self.pieces = [("content", self.content)] if self.content else []
+            self.pieces += [("reasoning", self.reasoning)] if self.reasoning else []
+            self.pieces += [("call", c) for c in self.tool_calls]
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
@@ -68,6 +78,7 @@ class Delta:
         self.content += other.content
         self.reasoning += other.reasoning
         self.tool_calls += other.tool_calls
+        self.pieces += other.pieces
         return self
 
 
@@ -209,11 +220,11 @@ class _Reader:
             return None
         try:
             number = json.loads(word)
-            if isinstance(number, (int, float)):
+            if isinstance(number, int) or (isinstance(number, float) and math.isfinite(number)):
                 return number
         except ValueError:
             pass
-        return word  # a bare word: the model meant a string
+        return word  # a bare word (or a number JSON cannot carry: 1e400, NaN): the model meant a string
 
 
 def parse_call(body: str) -> ToolCall:
@@ -274,13 +285,14 @@ class ChatParser:
 
     # --- states: each consumes what it can from buf, maybe switching state ----------------------------------------
     def _content(self, final: bool) -> Delta:
-        opens = [CHANNEL_OPEN] + ([CALL_OPEN] if self.tools else [])
+        opens = [CHANNEL_OPEN, CHANNEL_CLOSE] + ([CALL_OPEN] if self.tools else [])
         hits = [(self.buf.find(m), m) for m in opens]
         hits = [(i, m) for i, m in hits if i >= 0]
         if hits:
             i, m = min(hits)
             text, self.buf = self.buf[:i], self.buf[i + len(m) :]
-            self.state = "label" if m == CHANNEL_OPEN else "call"
+            # a stray <channel|> (a thought channel a tool call interrupted) closes nothing and is dropped
+            self.state = {CHANNEL_OPEN: "label", CHANNEL_CLOSE: "content", CALL_OPEN: "call"}[m]
             return Delta(content=text)
         keep = 0 if final else _partial_tail(self.buf, opens)
         text, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
@@ -296,16 +308,12 @@ class ChatParser:
         return Delta()
 
     def _reasoning(self, final: bool) -> Delta:
-        i = self.buf.find(CHANNEL_CLOSE)
-        if i >= 0:
-            text, self.buf = self.buf[:i], self.buf[i + len(CHANNEL_CLOSE) :]
-            self.state = "content"
-            return Delta(reasoning=text)
         ends = [CHANNEL_CLOSE] + ([CALL_OPEN] if self.tools else [])
-        j = self.buf.find(CALL_OPEN) if self.tools else -1
-        if j >= 0:  # a tool call straight out of reasoning ends the reasoning
-            text, self.buf = self.buf[:j], self.buf[j + len(CALL_OPEN) :]
-            self.state = "call"
+        hits = [(i, m) for i, m in ((self.buf.find(m), m) for m in ends) if i >= 0]
+        if hits:  # whichever comes first: the channel's end, or a tool call straight out of the reasoning
+            i, m = min(hits)
+            text, self.buf = self.buf[:i], self.buf[i + len(m) :]
+            self.state = "content" if m == CHANNEL_CLOSE else "call"
             return Delta(reasoning=text)
         keep = 0 if final else _partial_tail(self.buf, ends)
         text, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]

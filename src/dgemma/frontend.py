@@ -205,7 +205,8 @@ class Frontend:
             settle = Settle(p.settle_steps or self.settle.steps, p.settle_entropy or self.settle.entropy)
         draft = p.include_draft and p.stream
         base = settings.override(max_new_tokens=max_tokens)
-        choices = [[Request(tuple(ids), base, s, stop, layout, settle, draft)] for s in seeds]
+        hidden = self.pipeline.invisible_ids()
+        choices = [[Request(tuple(ids), base, s, stop, layout, settle, draft, hidden)] for s in seeds]
         tools = bool(p.tools) and p.parse
         return Plan(
             choices,

@@ -88,6 +88,7 @@ class Request:
     layout: Layout | None = None
     settle: Settle | None = None
     draft: bool = False
+    no_first: tuple[int, ...] = ()  # the empty-reply guard's last re-draw bars these ids (and EOS, pad) first
 
     @property
     def max_tokens(self) -> int:
@@ -265,7 +266,7 @@ class Generation:
         pins = None
         if self.redraws == self.settings.empty_redraws:
             allowed = torch.ones(1, self.model.text.vocab_size, dtype=torch.bool)
-            barred = set(self.eos) | ({self.settings.pad_token_id} - {None})
+            barred = set(self.eos) | ({self.settings.pad_token_id} - {None}) | set(self.request.no_first)
             allowed[0, [i for i in barred if i < allowed.shape[1]]] = False
             pins = Pins(self.canvas_length, masks=allowed, mask_at={0: 0}, device=self.device)
         self.steps_per_canvas_redrawn.append(self.sampler.steps)
@@ -626,7 +627,7 @@ class Pipeline:
             if knobs.get("max_new_tokens") is not None and knobs["max_new_tokens"] < budget:
                 raise ConfigError(f"max_new_tokens={knobs['max_new_tokens']} is too small: the schema needs {budget}")
             settings = settings.override(max_new_tokens=budget)
-        return Request(tuple(ids), settings, seed, tuple(stop), layout, settle, draft)
+        return Request(tuple(ids), settings, seed, tuple(stop), layout, settle, draft, self.invisible_ids())
 
     def stream_generate(
         self,
@@ -717,10 +718,18 @@ class Pipeline:
             settings = settings.override(max_new_tokens=max(budget, settings.max_new_tokens))
         if seed is None and settings.temperature == 0:
             seed = 0
-        request = Request(tuple(ids), settings, seed, layout=layout)
+        request = Request(tuple(ids), settings, seed, layout=layout, no_first=self.invisible_ids())
         for event in self.stream_generate(request=request, prefix_cache=prefix_cache, parser=ChatParser(bool(tools))):
             pass
         return event
+
+    def invisible_ids(self) -> tuple[int, ...]:
+        """Control tokens the text layer drops (all special ids but the chat parser's markers): a reply that
+        starts with one looks empty, so the empty-reply guard bars them from the first position."""
+        if self.tokenizer is None:
+            return ()
+        markers = {self.tokenizer.id_of(m) for m in ChatParser.markers}
+        return tuple(sorted(self.tokenizer.special_ids - markers))
 
     # --- infill and edit ----------------------------------------------------------------------------------------
     def banned_in_fill(self) -> torch.Tensor:

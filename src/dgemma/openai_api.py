@@ -292,7 +292,7 @@ def tool_choice(choice, tools: list[dict] | None) -> tuple[bool, str | None]:
         return True, None
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        if name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
             raise bad(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
         return True, name
     raise bad(
@@ -305,12 +305,16 @@ def _call_in(call: ToolCallIn, param: str) -> dict:
     args = call.function.arguments
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except ValueError:
+            args = json.loads(args, parse_constant=_no_constant) if args.strip() else {}
+        except (ValueError, RecursionError):
             raise bad(f"{param}: function.arguments is not valid JSON", param) from None
     if not isinstance(args, dict):
         raise bad(f"{param}: function.arguments must be a JSON object", param)
     return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": args}}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def template_kwargs(body: ChatRequest) -> dict:

@@ -82,15 +82,27 @@ class TextStream:
         self.ids += ids
         raw = self._decode(final is not None)
         if self.parser is None:
-            delta = Delta(content=raw)
+            pieces = [("content", raw)]
         else:
-            delta = self.parser.feed(raw)
+            parsed = self.parser.feed(raw)
             if final is not None:
-                delta += self.parser.finish()
-        delta.content = self._emit(self._held + delta.content, final)
-        self.reasoning += delta.reasoning
-        self.tool_calls += delta.tool_calls
-        return delta
+                parsed += self.parser.finish()
+            pieces = parsed.pieces
+        out = Delta()
+        for kind, value in pieces:  # in the order written: a stop string in the content cuts all that follows
+            if kind == "content":
+                out.content += self._emit(self._held + value, None)
+                if self.stop_sequence is not None:
+                    break
+            elif kind == "reasoning":
+                out.reasoning += value
+            else:
+                out.tool_calls.append(value)
+        if self.stop_sequence is None:
+            out.content += self._emit(self._held, final)
+        self.reasoning += out.reasoning
+        self.tool_calls += out.tool_calls
+        return Delta(out.content, out.reasoning, out.tool_calls)
 
     def _decode(self, final: bool) -> str:
         """Text of the tokens since the last stable point (vLLM-style prefix/read offsets: decoders that strip a
@@ -110,6 +122,8 @@ class TextStream:
         return after.removeprefix(before)
 
     def _emit(self, pending: str, final: str | None) -> str:
+        """Send what of `pending` (held-back text first) can no longer become a stop string; cut at one."""
+        self._held = ""
         hits = [(i, k) for k, i in enumerate(pending.find(s) for s in self.stop) if i >= 0]
         if hits:
             cut, k = min(hits)

@@ -9,6 +9,7 @@ the checkpoint; nothing here touches torch.
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 from pathlib import Path
 
@@ -106,12 +107,13 @@ class Tokenizer:
             check_tools(tools)
         if reserved := sorted(kwargs.keys() & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}):
             raise ConfigError(f"template arguments {reserved} are set by dgemma")
-        markers = [f"\x00msg{i}\x00" for i in range(len(messages))]
-        masked = [{**m, "content": mark} if m.get("content") is not None else m for m, mark in zip(messages, markers)]
+        mask = _Masker(self)
+        masked = [mask.message(m) for m in messages]
+        masked_tools = None if tools is None else [mask.tool(t) for t in tools]
         try:
             rendered = self._template.render(
                 messages=masked,
-                tools=tools,
+                tools=masked_tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
@@ -122,15 +124,93 @@ class Tokenizer:
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
             raise ConfigError(f"chat template failed: {type(e).__name__}: {e}") from None
         ids: list[int] = []
-        for k, part in enumerate(_MARK.split(rendered)):  # text, index, text, index, ..., text
+        for k, part in enumerate(mask.pattern.split(rendered)):  # text, index, text, index, ..., text
             if k % 2 == 0:
                 ids += self.encode(part)
             else:
-                ids += self.encode(messages[int(part)]["content"], parse_special=False)
+                ids += self.encode(mask.values[int(part)], parse_special=False)
         return ids
 
 
-_MARK = re.compile("\x00msg(\\d+)\x00")
+class _Masker:
+    """Free text of a chat (message contents, tool and parameter descriptions, string values of tool-call
+    arguments) is swapped for placeholders before rendering and encoded as plain text afterwards, so it never
+    becomes a control token. The placeholder carries a per-call random nonce, so no input can forge one. Every
+    other string the template may use as such (names, keys, schema words) must be valid text that spells no
+    control token, or the request is refused."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.values = tokenizer, []
+        self.nonce = secrets.token_hex(8)
+        self.pattern = re.compile("\x00" + self.nonce + "(\\d+)\x00")
+
+    def text(self, value: str, where: str) -> str:
+        _check_utf8(value, where)
+        self.values.append(value)
+        return f"\x00{self.nonce}{len(self.values) - 1}\x00"
+
+    def plain(self, value, where: str, depth: int = 0):
+        """A structure whose strings the template may inspect: checked, not masked (descriptions are)."""
+        if depth > 64:
+            raise ConfigError(f"{where} is nested too deeply")
+        if isinstance(value, dict):
+            return {
+                self._word(k, where): self.text(v, where)
+                if k == "description" and isinstance(v, str)
+                else self.plain(v, where, depth + 1)
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [self.plain(v, where, depth + 1) for v in value]
+        return self._word(value, where) if isinstance(value, str) else value
+
+    def _word(self, value: str, where: str) -> str:
+        _check_utf8(value, where)
+        if set(self.tokenizer.encode(value)) & self.tokenizer.special_ids:
+            raise ConfigError(f"{where}: {value[:40]!r} spells a control token")
+        return value
+
+    def arguments(self, value, where: str, depth: int = 0):
+        """Tool-call arguments: every string value is free text (masked); keys are checked."""
+        if depth > 64:
+            raise ConfigError(f"{where} is nested too deeply")
+        if isinstance(value, dict):
+            return {self._word(k, where): self.arguments(v, where, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.arguments(v, where, depth + 1) for v in value]
+        return self.text(value, where) if isinstance(value, str) else value
+
+    def message(self, m: dict) -> dict:
+        out = dict(m)
+        if m.get("content") is not None:
+            out["content"] = self.text(m["content"], "message content")
+        if "name" in m:
+            out["name"] = self._word(m["name"], "tool message name")
+        if m.get("tool_calls"):
+            out["tool_calls"] = [
+                {
+                    **c,
+                    "function": {
+                        **c["function"],
+                        "name": self._word(c["function"]["name"], "tool call name"),
+                        "arguments": self.arguments(c["function"]["arguments"], "tool call arguments"),
+                    },
+                }
+                for c in m["tool_calls"]
+            ]
+        return out
+
+    def tool(self, t: dict) -> dict:
+        return self.plain(t, f"tool {t['function']['name']!r}")
+
+
+def _check_utf8(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{where} is not valid Unicode (lone surrogate)") from None
+
+
 ROLE_NAMES = {"developer": "system", "model": "assistant"}
 
 

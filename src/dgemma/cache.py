@@ -55,7 +55,13 @@ class KVCache:
         self.keys[layer], self.values[layer], self.positions[layer] = keys, values, positions
 
     def clone(self) -> KVCache:
-        return KVCache(self.keys, self.values, self.positions, list(self.windows), self.length).clone()
+        return KVCache(
+            [t.clone() for t in self.keys],
+            [t.clone() for t in self.values],
+            [t.clone() for t in self.positions],
+            list(self.windows),
+            self.length.clone(),
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

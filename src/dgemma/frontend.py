@@ -402,8 +402,9 @@ class Frontend:
                 yield "tool_call", i, call
             if text.finished:
                 pending.discard(i)
-                self.cancel([jobs[j]])  # stop string or token cap: drop remaining work
-                yield "done", i, self._stats(plan, i, text, jobs[j], ev if isinstance(ev, Finished) else None)
+                stats = self._stats(plan, i, text, jobs[j], ev if isinstance(ev, Finished) else None)  # read first:
+                self.cancel([jobs[j]])  # stop string or token cap: drop remaining work (the engine then drops gen)
+                yield "done", i, stats
 
     def _fill(self, plan: Plan, i: int, results: list[Finished], text: TextStream) -> list[tuple]:
         """The ("text", "done") items of an infill choice once all its candidates finished."""

@@ -13,9 +13,15 @@
 # INIT_FROM=<a checkout of 8d57c71>/src/dgemma/bundled to reproduce from scratch.
 # Budget: 44M new tokens (about 50M with v1's), about 1,650 tokens/s on one thread: 7.4 CPU-hours.
 #
-# Background on one core, a session of 2 hours:
-#   mkdir -p runs/v2 && nohup nice -n 10 scripts/train_bundled.sh --time-limit-min 120 >> runs/v2/train.log 2>&1 &
+# Background on one core, a session of 2 hours (setsid: the run outlives the shell that started it):
+#   mkdir -p runs/v2 && setsid nohup nice -n 10 scripts/train_bundled.sh --time-limit-min 120 \
+#     >> runs/v2/train.log 2>&1 < /dev/null &
+# runs/ is not in git: the state saved at the end of a session is committed as checkpoints/v2/train_state.pt, and a
+# fresh clone resumes from it.
 cd "$(dirname "$0")/.."
+if [ ! -f runs/v2/train_state.pt ] && [ -f checkpoints/v2/train_state.pt ]; then
+  mkdir -p runs/v2 && cp checkpoints/v2/train_state.pt runs/v2/
+fi
 DGEMMA=dgemma
 [ -x .venv/bin/dgemma ] && DGEMMA=.venv/bin/dgemma
 exec "$DGEMMA" train --out runs/v2 --corpus data/web,data/prose --init-from "${INIT_FROM:-src/dgemma/bundled}" \

@@ -204,7 +204,6 @@ class Generation:
         self.prefill_s = self.denoise_s = 0.0
         self.cached_tokens = 0  # prompt tokens reused from a prefix cache
         self.redraws = 0  # empty-reply guard: first canvases drawn again
-        self.steps_per_canvas_redrawn: list[int] = []
         self._runs: list[int] = []
         self._prev: list[int] | None = None
 
@@ -269,7 +268,6 @@ class Generation:
             barred = set(self.eos) | ({self.settings.pad_token_id} - {None}) | set(self.request.no_first)
             allowed[0, [i for i in barred if i < allowed.shape[1]]] = False
             pins = Pins(self.canvas_length, masks=allowed, mask_at={0: 0}, device=self.device)
-        self.steps_per_canvas_redrawn.append(self.sampler.steps)
         self._new_canvas(pins)
 
     def observe(self, z: torch.Tensor, scores: CanvasScores, pending=None, flags: list[float] | None = None) -> list:
@@ -307,7 +305,7 @@ class Generation:
                 self._redraw()
             else:
                 events.append(self._commit(r))
-        self.sampler.sc_logits = self.sampler.sc_probs = None  # this step's [C, V] buffers are not kept
+        self.sampler.sc_logits = None  # this step's [C, V] logits are not kept
         return events
 
     def _settle(self, r: StepResult) -> list[int]:

@@ -269,7 +269,6 @@ class CanvasSampler:
         if pins is not None:
             self.canvas = pins.apply(self.canvas)
         self.sc_logits: torch.Tensor | None = None  # [C, V] temperature-scaled logits of the previous step
-        self.sc_probs: torch.Tensor | None = None  # [C, V] their softmax (fp32)
         self.history: list[torch.Tensor] = []
         self.steps = 0
         self.last: StepResult | None = None
@@ -383,7 +382,7 @@ class CanvasSampler:
             stable = torch.stack([(h == argmax).all() for h in self.history[-k:]]).all()
         self.history = (self.history + [argmax])[-max(k, 1) :]
         confident = mean < s.confidence_threshold  # compared in float32, as the reference does
-        self.sc_logits, self.sc_probs = z, scores.probs
+        self.sc_logits = z  # a commit's structured-output chooser reads them
         flags = torch.stack([stable.float(), confident.float(), mean.float(), argmax[0].float()])
         return PendingStep(self.steps, argmax, accepted, entropy, remaining == 1, flags)
 

@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A config.json / generation_config.json value that dgemma cannot use."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded safely (weights, their headers, layout or format)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerGeometry:
     """Attention shape of one layer (sliding and full layers differ, spec a.2)."""

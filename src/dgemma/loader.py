@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, GenerationSettings, ModelConfig, read_json
+from .config import CheckpointError, ConfigError, GenerationSettings, ModelConfig, read_json
 from .model import DEFAULT_EXECUTION, DiffusionGemma, Execution
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ ITEM_SIZES = {
 MAX_HEADER = 100 * 1024 * 1024
 SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 ENCODER_SCALAR = "encoder_layer_scalar"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be loaded safely."""
 
 
 def checkpoint_name(param: str) -> str:

@@ -130,7 +130,9 @@ def test_decoder_logits_with_and_without_self_conditioning(name, kind, request, 
     d1, d2 = max_diff(hf1, dg1), max_diff(hf2, dg2)
     parity_log[f"{name} {kind}: decoder logits (step 1)"] = d1
     parity_log[f"{name} {kind}: decoder logits (self-conditioned)"] = d2
-    assert d1 < TOL and d2 < TOL
+    # The self-conditioned pass goes through two denoises and a GEMM over the vocabulary, whose summation order is
+    # the BLAS's: 1.1e-4 was measured on an AMD EPYC (6e-5 on Intel), i.e. ~50 fp32 ulps of logits capped at 30.
+    assert d1 < TOL and d2 < 2 * TOL
     assert max_diff(hf1, hf2) > 100 * TOL, "self-conditioning must change the logits for the test to mean anything"
 
 

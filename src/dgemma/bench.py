@@ -105,7 +105,7 @@ def time_batch(pipe, batch: int, args) -> tuple[float, int, int]:
     for g in gens:
         g.prefill()
     steps, spent = 0, 0.0
-    device = pipe.model.embed_tokens.weight.device
+    device = pipe.model.device
     while live := [g for g in gens if not g.finished]:
         sync(device)
         t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_server_bench(args)
     pipe = load_pipeline(args)
     model = pipe.model
-    device, c = model.embed_tokens.weight.device, pipe.canvas_length
+    device, c = model.device, pipe.canvas_length
     peak_flops, peak_bw = machine_peaks(device, model.dtype)
     used, weight_bytes = active_parameters(model)
     time_batch(pipe, 1, argparse.Namespace(**{**vars(args), "steps": 2, "canvases": 1}))  # warm-up

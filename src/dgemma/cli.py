@@ -269,7 +269,7 @@ def peak_memory_gb(model) -> float:
     """Peak accelerator memory when the model is on one, else the process's peak resident set."""
     import torch
 
-    device = model.embed_tokens.weight.device
+    device = model.device
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     import resource

@@ -94,7 +94,7 @@ class Engine:
         self.workers = workers
         self._pool = ThreadPoolExecutor(workers - 1, "dgemma-step") if workers > 1 else None
         # seeded outputs must not depend on batch composition: invariant kernels where invariance holds (CPU)
-        model = model.with_execution(Execution.for_serving(model.embed_tokens.weight.device))
+        model = model.with_execution(Execution.for_serving(model.device))
         self.model = model
         self._static: StaticCache | None = None  # the batch's KV cache, made at the first admission
         self._queue: collections.deque[Job] = collections.deque()

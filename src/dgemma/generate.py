@@ -189,7 +189,7 @@ class Generation:
                 f"prompt ({len(ids)} tokens) + {self.max_canvases} canvas(es) of {c} exceeds the model's {limit} "
                 "positions"
             )
-        self.device = model.embed_tokens.weight.device
+        self.device = model.device
         self.noise_gen, self.sample_gen = make_generators(request.seed, self.device)
         self.cache = model.new_cache()
         self.eos = frozenset(self.settings.eos_token_ids)
@@ -430,7 +430,7 @@ def denoise_step(model: DiffusionGemma, generations: list[Generation]) -> list[l
         # dense GEMMs see B*C rows: bitwise batch invariance needs C to be a multiple of INVARIANT_ROWS
         return [denoise_step(model, [g])[0] for g in generations]
     t0 = time.perf_counter()
-    device = model.embed_tokens.weight.device
+    device = model.device
     dense = [g for g in generations if not g.settings.sparse_sampling]  # fast mode draws later, fewer rows
     row_of = {id(g): i for i, g in enumerate(dense)}
     draws = _draw_ahead(

@@ -341,6 +341,27 @@ class DecoderLayer(nn.Module):
         return out * (self.layer_scalar if decoder else self.encoder_layer_scalar), k, v
 
 
+class TiedEmbedding(nn.Module):
+    """The token embedding E [V, H], which is also the LM head and the self-conditioning mixer (spec c.5). The three
+    products are methods so that a quantized embedding (`quantize.QuantEmbedding`) can replace this module."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, hidden))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids]: rows [..., H]."""
+        return F.embedding(ids, self.weight)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] @ E^T -> [..., V] in the weight dtype."""
+        return F.linear(hidden, self.weight)
+
+    def mix(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [N, V] @ E -> [N, H]: probability-weighted sums of embedding rows."""
+        return torch.matmul(rows, self.weight)
+
+
 class SelfConditioning(nn.Module):
     """Maps the previous step's soft embedding to an additive input signal (spec c.5)."""
 
@@ -363,7 +384,7 @@ class DiffusionGemma(nn.Module):
         super().__init__()
         cfg = config.text
         self.config, self.text = config, cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = TiedEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, g) for g in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
@@ -390,12 +411,19 @@ class DiffusionGemma(nn.Module):
     # --- pieces -------------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activation dtype (the float weights'; a quantized embedding's codes are not it)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids] * sqrt(H), the scale rounded to the weight dtype as the reference does (53.0 in bf16)."""
-        scale = torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(self.dtype)
-        return self.embed_tokens(ids) * scale
+        return self.embed_tokens(ids) * self._embed_scale()
+
+    def _embed_scale(self) -> torch.Tensor:
+        return torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(self.dtype)
 
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """softmax_fp32(logits) @ E * sqrt(H): the self-conditioning input [B, C, H] from logits [B, C, V]."""
@@ -407,10 +435,8 @@ class DiffusionGemma(nn.Module):
     def soft_embedding_from_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """probs @ E * sqrt(H) for fp32 probabilities [B, C, V] (cast to the weight dtype first, as the reference);
         rows padded (`pad_rows`) so each row's result does not depend on the batch."""
-        w = self.embed_tokens.weight
-        scale = torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(w.dtype)
         b, c, v = probs.shape
-        rows = probs.reshape(b * c, v).to(w.dtype)
+        rows = probs.reshape(b * c, v).to(self.dtype)
         # A peaked softmax is full of subnormal probabilities, and a CPU GEMM over subnormals runs ~15x slower
         # (measured: 220 vs 14 ms for [64, 32768] @ [32768, 512]). Their products are far below one ulp of any
         # output (the row sums to 1), so zeroing them leaves every output bit unchanged (tested). The sampler's
@@ -418,30 +444,28 @@ class DiffusionGemma(nn.Module):
         if rows.dtype != probs.dtype:
             rows = rows.masked_fill(rows.abs() < torch.finfo(rows.dtype).tiny, 0.0)
         rows = pad_rows(rows)
-        return (torch.matmul(rows, w) * scale)[: b * c].view(b, c, -1)  # [B, C, H]
+        return (self.embed_tokens.mix(rows) * self._embed_scale())[: b * c].view(b, c, -1)  # [B, C, H]
 
     def soft_embedding_top_k(self, probs: torch.Tensor, k: int) -> torch.Tensor:
         """Fast-mode twin of `soft_embedding_from_probs`: only each row's k most probable tokens enter
         (sum_k p_k E[t_k] * sqrt(H), not renormalised), a gather of k embedding rows instead of a GEMM over V."""
-        w = self.embed_tokens.weight
-        scale = torch.tensor(math.sqrt(self.text.hidden_size), dtype=torch.float32).to(w.dtype)
         values, index = probs.topk(min(k, probs.shape[-1]), dim=-1)  # [B, C, k]
-        rows = w[index]  # [B, C, k, H]
-        return torch.einsum("bck,bckh->bch", values.to(w.dtype), rows) * scale
+        rows = self.embed_tokens(index)  # [B, C, k, H]
+        return torch.einsum("bck,bckh->bch", values.to(rows.dtype), rows) * self._embed_scale()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head, fp32, soft-capped. A non-fp32 model's head output is cast into the fp32 result chunk by
         chunk of rows, so no [B, S, V] temporary of its own dtype is held beside it."""
-        w = self.embed_tokens.weight
-        if w.dtype == torch.float32 or hidden.requires_grad:
-            out = F.linear(hidden, w).float()  # [B, S, V]
+        head = self.embed_tokens.head
+        if self.dtype == torch.float32 or hidden.requires_grad:
+            out = head(hidden).float()  # [B, S, V]
         else:
             b, s, h = hidden.shape
-            flat = hidden.reshape(b * s, h)
-            out = torch.empty(b * s, w.shape[0], dtype=torch.float32, device=hidden.device)
-            rows = max(INVARIANT_ROWS, (64 << 20) // (2 * w.shape[0]) // INVARIANT_ROWS * INVARIANT_ROWS)
+            flat, v = hidden.reshape(b * s, h), self.text.vocab_size
+            out = torch.empty(b * s, v, dtype=torch.float32, device=hidden.device)
+            rows = max(INVARIANT_ROWS, (64 << 20) // (2 * v) // INVARIANT_ROWS * INVARIANT_ROWS)
             for i in range(0, b * s, rows):
-                out[i : i + rows] = F.linear(flat[i : i + rows], w)
+                out[i : i + rows] = head(flat[i : i + rows])
             out = out.view(b, s, -1)
         cap = self.text.final_logit_softcapping
         if cap is None:
@@ -457,7 +481,7 @@ class DiffusionGemma(nn.Module):
         w = self.text.sliding_window - 1
         shapes = [(g.num_kv_heads, g.head_dim) for g in self.text.layers]
         windows = [None if g.layer_type == FULL else w for g in self.text.layers]
-        device = device or self.embed_tokens.weight.device
+        device = device or self.device
         return KVCache.empty(shapes, windows, batch_size, device, self.dtype)
 
     # --- modes --------------------------------------------------------------------------------------------------

@@ -364,6 +364,6 @@ def run_chat(args: argparse.Namespace) -> int:
             import readline  # noqa: F401  (input() gets line editing and history)
     session = ChatSession(pipe, args)
     if not args.quiet:
-        device = pipe.model.embed_tokens.weight.device.type
+        device = pipe.model.device.type
         session.note(f"dgemma chat · {pipe.model_dir.name} on {device} · /help for commands, Ctrl-D to quit")
     return repl(session, echo=not sys.stdin.isatty())

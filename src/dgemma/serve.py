@@ -160,7 +160,7 @@ MAX_AUTO_PROCESSES = 4
 def default_processes(pipeline) -> int:
     """One process per CPU core (at most 4) while that many model copies fit in a quarter of the RAM; 1 on CUDA."""
     model = pipeline.model
-    if model.embed_tokens.weight.device.type != "cpu":
+    if model.device.type != "cpu":
         return 1
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
@@ -188,7 +188,7 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
     try:
         pipeline = Pipeline.load(args.model, dtype=args.dtype, device=args.device, offline=args.offline)
         args.processes = args.processes or default_processes(pipeline)
-        if args.threads or pipeline.model.embed_tokens.weight.device.type == "cpu":
+        if args.threads or pipeline.model.device.type == "cpu":
             import torch
 
             # one Python thread drives each model: torch threads beyond the cores left over only contend

@@ -106,7 +106,7 @@ def fp8_rtn(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> dict[
 def write_nvfp4(dst: Path, model: DiffusionGemma, experts_only: bool = True, tokenizer=None) -> Path:
     """A ModelOpt NVFP4 checkpoint: experts (and, unless `experts_only`, attention and dense MLP) in NVFP4."""
     linears = EXPERTS if experts_only else re.compile(f"{EXPERTS.pattern}|{ATTN_MLP.pattern}")
-    _write(dst, model, tokenizer, nvfp4_rtn, linears, MODELOPT_CONFIG)
+    write_checkpoint(dst, model, tokenizer, nvfp4_rtn, linears, MODELOPT_CONFIG)
     (dst / "hf_quant_config.json").write_text(json.dumps(HF_QUANT_CONFIG, indent=2) + "\n")
     return dst
 
@@ -114,10 +114,10 @@ def write_nvfp4(dst: Path, model: DiffusionGemma, experts_only: bool = True, tok
 def write_fp8(dst: Path, model: DiffusionGemma, tokenizer=None) -> Path:
     """A compressed-tensors FP8-dynamic checkpoint: experts, attention and dense MLP in FP8 per channel."""
     linears = re.compile(f"{EXPERTS.pattern}|{ATTN_MLP.pattern}")
-    return _write(dst, model, tokenizer, fp8_rtn, linears, FP8_CONFIG)
+    return write_checkpoint(dst, model, tokenizer, fp8_rtn, linears, FP8_CONFIG)
 
 
-def _write(dst: Path, model, tokenizer, quantize: Callable, linears: re.Pattern, quant_config: dict) -> Path:
+def write_checkpoint(dst: Path, model, tokenizer, quantize: Callable, linears: re.Pattern, quant_config: dict) -> Path:
     """save_model's configs and tokenizer, then its weights file rewritten with the quantized linears."""
     save_model(model, dst, tokenizer=tokenizer, dtype=torch.bfloat16)
     state = dict(model.named_parameters())

@@ -15,7 +15,7 @@ from dgemma.export import save_model
 from dgemma.loader import expected_tensors, read_header
 from dgemma.prequant import FP8, NVFP4, assemble, detect, plan
 from dgemma.quantize import Packed
-from tests.prequant_fixtures import FP8_CONFIG, MODELOPT_CONFIG, write_fp8, write_nvfp4
+from tests.prequant_fixtures import EXPERTS, FP8_CONFIG, MODELOPT_CONFIG, write_checkpoint, write_fp8, write_nvfp4
 from tests.tiny import random_model, tiny_config
 
 # notes 1a: W[n, k] = E2M1[code[n, k]] * float32(weight_scale[n, k // 16]) * weight_scale_2, code 2k = low nibble.
@@ -201,6 +201,19 @@ def test_fp8_scales_are_fp32_per_channel(dirs):
     assert down.data.dtype == torch.float8_e4m3fn and down.scale.dtype == torch.float32
     assert down.scale.shape == (4, 64, 1) and down.group_size == 32
     assert built["model.decoder.layers.1.self_attn.o_proj.weight"].scale.shape == (64, 1)
+
+
+def test_float_experts_split_per_expert_are_fused(model, tmp_path):
+    """Experts left in bf16 but stored per expert (an FP8 checkpoint that ignored them) fuse back exactly."""
+    write_checkpoint(tmp_path, model, None, lambda w: {"weight": w.to(torch.bfloat16)}, EXPERTS, FP8_CONFIG)
+    found = {k: (*v, tmp_path / "model.safetensors") for k, v in table(tmp_path).items()}  # the loader's triples
+    planned = plan(FP8, found)
+    assert {kind for kind, _, _ in planned.values()} == {"float"}
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    floats = float_weights(model)
+    for key in (f"{L0}.experts.gate_up_proj", f"{L0}.experts.down_proj"):
+        kind, _, src = planned[key]
+        assert torch.equal(assemble(key, kind, {s: stored[s] for s in src}), floats[key].to(torch.bfloat16))
 
 
 def test_fp8_per_tensor_and_group_scales():

@@ -51,21 +51,20 @@ Entry = tuple[str, tuple[int, ...], list[str]]  # (kind, logical [.., N, K] shap
 
 
 def detect(model_dir: Path, raw_config: dict) -> str | None:
-    """The pre-quantized format of a checkpoint directory (`NVFP4`, `FP8`), or None for a plain float one."""
+    """The pre-quantized format of a checkpoint directory (`NVFP4`, `FP8`), or None for a plain float one.
+    ModelOpt writes `hf_quant_config.json` and/or `config.json["quantization_config"]` (notes 1a); when both are
+    there they must agree. KV-cache and activation schemes are ignored (dgemma runs weight-only)."""
     qc = raw_config.get("quantization_config")
     legacy = Path(model_dir) / "hf_quant_config.json"
     if legacy.is_file():
         _check_modelopt(read_json(legacy).get("quantization"), "hf_quant_config.json 'quantization'")
-        if qc is not None and (not isinstance(qc, dict) or qc.get("quant_method") != "modelopt"):
-            method = qc.get("quant_method") if isinstance(qc, dict) else qc
-            raise CheckpointError(
-                f"hf_quant_config.json says ModelOpt NVFP4 but config.json's quant_method is {method!r}"
-            )
     if qc is None:
         return NVFP4 if legacy.is_file() else None
     if not isinstance(qc, dict):
         raise CheckpointError("config.json quantization_config must be a JSON object")
     method = qc.get("quant_method")
+    if legacy.is_file() and method != "modelopt":
+        raise CheckpointError(f"hf_quant_config.json says ModelOpt NVFP4 but config.json's quant_method is {method!r}")
     if method == "modelopt":
         _check_modelopt(qc, "config.json quantization_config")
         return NVFP4
@@ -135,24 +134,32 @@ def plan(fmt: str, found: dict[str, tuple]) -> dict[str, Entry]:
         if m := EXPERT.match(key):
             prefix, j, proj, suffix = m.groups()
             experts.setdefault(prefix, {}).setdefault(int(j), {}).setdefault(proj, {})[suffix] = (dtype, shape)
-        elif key.endswith(DROPPED):
-            continue
-        elif key.endswith(SCALES):
-            if key.rsplit(".", 1)[0] + ".weight" not in table:
-                raise CheckpointError(f"{key} has no weight beside it")
-        elif key.endswith(".weight") and (dtype == QUANT_DTYPE[fmt] or key + "_scale" in table):
-            base = key[: -len(".weight")]
-            siblings = {s: table[f"{base}.{s}"] for s in SOURCES["nvfp4"] if f"{base}.{s}" in table}
-            kind, nk, _ = _linear(fmt, base, siblings)
-            _put(out, key, (kind, nk, [f"{base}.{s}" for s in SOURCES[kind]]))
-        elif dtype in FLOAT_DTYPES:
-            _put(out, key, ("float", tuple(shape), [key]))
-        else:
-            raise CheckpointError(f"{key}: dtype {dtype} is not a float type and not part of a quantized linear")
+        elif entry := _plan_tensor(fmt, key, table):
+            _put(out, key, entry)
     for prefix, by_expert in experts.items():
         for name, entry in _plan_experts(fmt, prefix, by_expert).items():
             _put(out, name, entry)
     return out
+
+
+def _plan_tensor(fmt: str, key: str, table: dict[str, tuple]) -> Entry | None:
+    """The entry of one non-expert tensor: a quantized linear's `.weight`, a float tensor, or None for the scales
+    (read with their weight) and the dropped activation / KV-cache scales."""
+    dtype, shape = table[key]
+    if key.endswith(DROPPED):
+        return None
+    if key.endswith(SCALES):
+        if key.rsplit(".", 1)[0] + ".weight" not in table:
+            raise CheckpointError(f"{key} has no weight beside it")
+        return None
+    if key.endswith(".weight") and (dtype == QUANT_DTYPE[fmt] or key + "_scale" in table):
+        base = key[: -len(".weight")]
+        siblings = {s: table[f"{base}.{s}"] for s in SOURCES["nvfp4"] if f"{base}.{s}" in table}
+        kind, nk, _ = _linear(fmt, base, siblings)
+        return kind, nk, [f"{base}.{s}" for s in SOURCES[kind]]
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{key}: dtype {dtype} is not a float type and not part of a quantized linear")
+    return "float", tuple(shape), [key]
 
 
 def _put(out: dict, key: str, entry: Entry) -> None:

@@ -15,8 +15,8 @@ from dgemma.export import save_model
 from dgemma.loader import expected_tensors, read_header
 from dgemma.prequant import FP8, NVFP4, assemble, detect, plan
 from dgemma.quantize import Packed
-from tests.prequant_fixtures import EXPERTS, FP8_CONFIG, MODELOPT_CONFIG, write_checkpoint, write_fp8, write_nvfp4
-from tests.tiny import random_model, tiny_config
+from prequant_fixtures import EXPERTS, FP8_CONFIG, MODELOPT_CONFIG, write_checkpoint, write_fp8, write_nvfp4
+from tiny import random_model, tiny_config
 
 # notes 1a: W[n, k] = E2M1[code[n, k]] * float32(weight_scale[n, k // 16]) * weight_scale_2, code 2k = low nibble.
 # Bit-exact comparisons group the product as E2M1 * (block scale * global), the order `Packed.dequantize` (and

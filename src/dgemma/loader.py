@@ -9,6 +9,7 @@ implies. Vision-tower tensors are skipped. Nothing in the directory is ever exec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import prequant
 from .config import CheckpointError, ConfigError, GenerationSettings, ModelConfig, read_json
 from .model import DEFAULT_EXECUTION, DiffusionGemma, Execution
+from .quantize import Packed, QuantSpec, swap_modules
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +169,31 @@ def read_header(path: Path) -> dict[str, dict]:
     return header
 
 
-def check_tensors(expected: dict, found: dict[str, tuple[str, list, Path]], dtype_name: str | None) -> None:
-    """Raise with the first mismatches if names, shapes or dtypes differ from what the config implies."""
-    missing = sorted(set(expected) - set(found))
+def quantizable(name: str) -> bool:
+    """Whether a model tensor may be stored quantized: the linears, experts and embedding (`quantize.quant_target`),
+    never the router, norms or scalars."""
+    weights = ("_proj.weight", "experts.gate_up_proj", "experts.down_proj", "embed_tokens.weight")
+    return name.endswith(weights) and not name.endswith("router.proj.weight")
+
+
+def check_tensors(expected: dict, entries: dict, dtype_name: str | None) -> None:
+    """Raise with the first mismatches if names, logical shapes or float dtypes differ from what the config implies
+    (`entries`: checkpoint key -> `Entry`; quantized entries carry their own layout, checked by `plan_tensors`)."""
+    missing = sorted(set(expected) - set(entries))
     unexpected = sorted(
-        k for k in set(found) - set(expected) if not k.startswith(SKIPPED_PREFIXES) and k != "lm_head.weight"
+        k for k in set(entries) - set(expected) if not k.startswith(SKIPPED_PREFIXES) and k != "lm_head.weight"
     )
     wrong = []
-    for key in sorted(set(expected) & set(found)):
-        dtype, shape, _ = found[key]
-        if tuple(shape) != expected[key][1]:
-            wrong.append(f"{key}: shape {list(shape)} but config implies {list(expected[key][1])}")
-        elif dtype not in DTYPES or (dtype_name is not None and dtype != dtype_name):
-            wrong.append(f"{key}: dtype {dtype}, expected {dtype_name or 'a float type'}")
+    for key in sorted(set(expected) & set(entries)):
+        entry = entries[key]
+        if tuple(entry.shape) != expected[key][1]:
+            wrong.append(f"{key}: shape {list(entry.shape)} but config implies {list(expected[key][1])}")
+        elif entry.spec is None and (
+            entry.dtype not in DTYPES or (dtype_name is not None and entry.dtype != dtype_name)
+        ):
+            wrong.append(f"{key}: dtype {entry.dtype}, expected {dtype_name or 'a float type'}")
+        elif entry.spec is not None and not quantizable(expected[key][0]):
+            wrong.append(f"{key}: quantized ({entry.spec.kind}), but dgemma keeps this tensor in float")
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", wrong)):
         if items:
@@ -188,6 +203,62 @@ def check_tensors(expected: dict, found: dict[str, tuple[str, list, Path]], dtyp
 
 
 FINITE_CHECK_BYTES = 2 << 30  # `check_finite=None`: scan checkpoints up to this size for NaN/Inf
+PACKED_SUFFIXES = ("_scale", "_zero", "_global")  # dgemma's own quantized layout (`quantize.Packed.tensors`)
+
+
+@dataclasses.dataclass
+class Entry:
+    """One model tensor as a checkpoint stores it: float (`dtype` its safetensors dtype) or quantized (`spec`),
+    with its logical shape and the stored tensors it is built from."""
+
+    shape: tuple[int, ...]
+    sources: list[str]
+    dtype: str | None = None
+    spec: QuantSpec | None = None
+
+
+def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, list, Path]]) -> dict[str, Entry]:
+    """checkpoint key -> Entry, for dgemma's float and quantized layouts and the pre-quantized NVFP4/FP8 ones."""
+    fmt = prequant.detect(model_dir, raw_config)
+    if fmt is not None:
+        out = {}
+        for key, (kind, shape, sources) in prequant.plan(fmt, found).items():
+            if kind == "float":
+                out[key] = Entry(tuple(shape), sources, dtype=found[sources[0]][0])
+            else:
+                groups = next(found[s][1][-1] for s in sources if s.endswith("weight_scale"))
+                out[key] = Entry(tuple(shape), sources, spec=_spec(kind, shape[-1], groups))
+        return out
+    out = {}
+    for key, (dtype, shape, _) in found.items():
+        base = next((key[: -len(x)] for x in PACKED_SUFFIXES if key.endswith(x) and key[: -len(x)] in found), None)
+        if base is not None:
+            continue  # read with its weight
+        if key + "_scale" not in found:
+            out[key] = Entry(tuple(shape), [key], dtype=dtype)
+            continue
+        kind = {"I8": "int8", "F8_E4M3": "fp8"}.get(dtype) or ("int4" if key + "_zero" in found else "nvfp4")
+        if dtype not in ("I8", "F8_E4M3", "U8"):
+            raise CheckpointError(f"{key}: quantized weight of dtype {dtype}; expected I8, U8 or F8_E4M3")
+        logical = (*shape[:-1], shape[-1] * (2 if dtype == "U8" else 1))
+        sources = [key] + [key + x for x in PACKED_SUFFIXES if key + x in found]
+        spec = _spec(kind, logical[-1], found[key + "_scale"][1][-1])
+        for suffix, (want_dtype, want_shape) in spec.tensors(logical).items():
+            got = found.get(key + suffix)
+            if got is None or tuple(got[1]) != want_shape or (suffix == "" and got[0] != want_dtype):
+                raise CheckpointError(
+                    f"{key + suffix}: {got[0] + ' ' + str(list(got[1])) if got else 'missing'}, but a {kind} "
+                    f"weight {list(logical)} needs {want_dtype} {list(want_shape)}"
+                )
+        out[key] = Entry(logical, sources, spec=spec)
+    return out
+
+
+def _spec(kind: str, k: int, groups: int) -> QuantSpec:
+    if groups <= 0 or k % groups:
+        raise CheckpointError(f"a {kind} weight with {k} inputs cannot have {groups} scale groups per row")
+    per_row = groups == 1 and kind in ("int8", "fp8")
+    return QuantSpec(kind, None if per_row else k // groups)
 
 
 def load_model(
@@ -199,6 +270,8 @@ def load_model(
     execution: Execution = DEFAULT_EXECUTION,
 ) -> DiffusionGemma:
     """Build on the meta device, validate every tensor, then assign memory-mapped tensors (cast once if needed).
+    Quantized checkpoints (dgemma's own int8/int4, ModelOpt NVFP4, compressed-tensors FP8) get their quantized
+    modules swapped in first (`quantize.swap_modules`); their codes and scales are kept, never dequantized.
     `execution`: the model's kernels and batch invariance (`model.Execution`), fixed here.
     `check_finite`: warn about NaN/Inf weights (a full pass over the weights; None = only up to 2 GiB).
     `progress(done_bytes, total_bytes)` is called after each tensor (the CLI draws a bar for big checkpoints)."""
@@ -220,27 +293,71 @@ def load_model(
                 raise CheckpointError(f"tensor {name!r} appears in two shards ({found[name][2].name}, {path.name})")
             found[name] = (info["dtype"], info["shape"], path)
     _check_index(model_dir, found)
+    entries = plan_tensors(model_dir, raw_config, found)
     declared = DTYPE_NAMES.get(raw_config.get("dtype") or raw_config.get("torch_dtype") or "")
-    check_tensors(expected, found, declared)
-    target = dtype or DTYPES[found[next(iter(expected))][0]]
-    state = {}
-    by_file: dict[Path, list[str]] = {}
-    for key in expected:
-        by_file.setdefault(found[key][2], []).append(key)
-    total, done = sum(math.prod(found[k][1]) * DTYPES[found[k][0]].itemsize for k in expected), 0
-    for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in keys:
-                tensor = f.get_tensor(key)
-                done += tensor.nbytes
-                state[expected[key][0]] = tensor.to(device=device, dtype=target)
-                if progress is not None:
-                    progress(done, total)
+    check_tensors(expected, entries, declared)
+    norm = entries[checkpoint_name("norm.weight")]
+    target = dtype or DTYPES[norm.dtype]
+    plan = {expected[k][0]: e.spec for k, e in entries.items() if k in expected}
+    if any(plan.values()):
+        with torch.device("meta"):
+            swap_modules(model, plan)
+    state, packed = _read_tensors(entries, expected, found, target, device, progress)
     model.load_state_dict(state, strict=False, assign=True)
+    for name, p in packed.items():
+        owner, _, attr = name.rpartition(".")
+        getattr(model.get_submodule(owner), attr).load(p, target, device)
     _materialise_rope(model, device)
     if check_finite or (check_finite is None and sum(t.nbytes for t in state.values()) <= FINITE_CHECK_BYTES):
         _warn_non_finite(state)
     return model.eval().requires_grad_(False)  # inference: no autograd graph is ever built or kept
+
+
+def _read_tensors(entries, expected, found, target, device, progress):
+    """Read every expected entry shard by shard: float tensors cast to `target`, quantized ones as `Packed`
+    (codes kept, scales fp32; their module converts them to its kernel's layout)."""
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(found[entries[key].sources[0]][2], []).append(key)
+    total = sum(_nbytes(found[s]) for k in expected for s in entries[k].sources)
+    done, state, packed = 0, {}, {}
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def get(key: str) -> torch.Tensor:
+            path = found[key][2]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            return handles[path].get_tensor(key)
+
+        for keys in by_file.values():
+            for key in keys:
+                entry, name = entries[key], expected[key][0]
+                if entry.spec is None and len(entry.sources) == 1:
+                    state[name] = get(key).to(device=device, dtype=target)
+                else:
+                    value = _assemble(key, entry, get, found)
+                    if isinstance(value, torch.Tensor):
+                        state[name] = value.to(device=device, dtype=target)
+                    else:
+                        packed[name] = value
+                done += sum(_nbytes(found[s]) for s in entry.sources)
+                if progress is not None:
+                    progress(done, total)
+    return state, packed
+
+
+def _assemble(key: str, entry: Entry, get, found) -> torch.Tensor | Packed:
+    sources = {s: get(s) for s in entry.sources}
+    if any(s != key and not s.startswith(key) for s in entry.sources) or entry.spec is None:
+        kind = entry.spec.kind if entry.spec else "float"
+        return prequant.assemble(key, kind, sources)
+    t = {s[len(key) :]: v for s, v in sources.items()}
+    return Packed(entry.spec.kind, t[""], t["_scale"].float(), t.get("_zero"), t.get("_global"))
+
+
+def _nbytes(info: tuple) -> int:
+    return math.prod(info[1]) * ITEM_SIZES[info[0]]
 
 
 @contextlib.contextmanager

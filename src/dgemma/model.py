@@ -245,12 +245,15 @@ class Experts(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+
+    reference_expert = expert  # a quantized subclass runs `expert` on its kernels and this on dequantized weights
 
     def forward(self, x, weights, idx, impl: str = "grouped"):
         if impl == "grouped_mm" and self.gate_up_proj.shape[-1] % 8 == 0 and self.down_proj.shape[-1] % 8 == 0:
@@ -264,7 +267,7 @@ class Experts(nn.Module):
         n, k = idx.shape
         flat = idx.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)
-        offsets = torch.cumsum(torch.bincount(flat, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
+        offsets = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0).to(torch.int32)
         rows = x[order // k]  # [N*K, H]
         h = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets)  # [N*K, 2I]
         gate, up = h.chunk(2, dim=-1)
@@ -281,7 +284,7 @@ class Experts(nn.Module):
         k = idx.shape[1]
         flat = idx.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens, w = order // k, weights.reshape(-1)[order]
         out = torch.zeros_like(x)
         start = 0
@@ -294,11 +297,11 @@ class Experts(nn.Module):
         return out
 
     def loop(self, x, weights, idx):
-        """Slow twin: every (token, slot) pair on its own."""
+        """Slow twin: every (token, slot) pair on its own (through `reference_expert`)."""
         out = torch.zeros_like(x)
         for t in range(x.shape[0]):
             for slot in range(idx.shape[1]):
-                y = self.expert(int(idx[t, slot]), x[t : t + 1]) * weights[t, slot]
+                y = self.reference_expert(int(idx[t, slot]), x[t : t + 1]) * weights[t, slot]
                 out[t : t + 1] += y.to(out.dtype)
         return out
 

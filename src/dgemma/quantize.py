@@ -24,8 +24,15 @@ routing decisions are sensitive.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import DiffusionGemma, Experts, TiedEmbedding
+
+log = logging.getLogger(__name__)
 
 KINDS = ("int8", "int4", "nvfp4", "fp8")
 # E2M1 (FP4) values by 4-bit code; bit 3 is the sign (OCP MX spec / ModelOpt NVFP4)
@@ -126,3 +133,356 @@ def quantize_int4(w: torch.Tensor, group_size: int = 64) -> Packed:
     q = torch.round((x - lo[..., None]) / scale[..., None]).clamp_(0, 15)
     zero = lo + 8.0 * scale  # w = lo + q * s = (q - 8) * s + (lo + 8 s)
     return Packed("int4", pack_nibbles(q.to(torch.uint8).flatten(-2)), scale, zero)
+
+
+def select(p: Packed, index) -> Packed:
+    """p[index] on the first dim: an expert of a 3-D weight, or output rows of a 2-D one."""
+    pick = lambda t: None if t is None else t[index]
+    return Packed(p.kind, p.data[index], p.scale[index], pick(p.zero), pick(p.global_scale))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specs: what a module's weights are, derived from a checkpoint's tensor table or chosen by `dgemma quantize`.
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one weight [..., N, K] is stored: a `Packed` kind and its group size (None = one scale per row)."""
+
+    kind: str
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown quantized kind {self.kind!r}; expected one of {KINDS}")
+
+    def tensors(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The on-disk tensors of a weight of logical `shape`: suffix -> (safetensors dtype, shape)."""
+        *lead, n, k = shape
+        g = self.group_size or (NVFP4_BLOCK if self.kind == "nvfp4" else k)
+        groups = (*lead, n, k // g)
+        if self.kind == "int8":
+            return {"": ("I8", tuple(shape)), "_scale": ("F32", groups)}
+        if self.kind == "fp8":
+            return {"": ("F8_E4M3", tuple(shape)), "_scale": ("F32", groups)}
+        packed = (*lead, n, k // 2)
+        if self.kind == "int4":
+            return {"": ("U8", packed), "_scale": ("F32", groups), "_zero": ("F32", groups)}
+        return {"": ("U8", packed), "_scale": ("F8_E4M3", groups), "_global": ("F32", (*lead, n))}
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        k = shape[-1]
+        g = self.group_size or (NVFP4_BLOCK if self.kind == "nvfp4" else k)
+        return k % g == 0 and (self.kind not in ("int4", "nvfp4") or k % 2 == 0)
+
+
+def spec_of(p: Packed) -> QuantSpec:
+    g = p.group_size
+    per_row = g == p.shape[-1] and p.kind in ("int8", "fp8")
+    return QuantSpec(p.kind, None if per_row else g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels. A weight is held in the layout of the fastest kernel the device has for it:
+#   "int8pack": per-row int8, `torch._weight_int8pack_mm` (CPU and CUDA);
+#   "int4cpu": `torch._weight_int4pack_mm_for_cpu` (tinygemm form, fp32/bf16 scales and zeros [K/g, N, 2]);
+#   "int4cuda": `torch._weight_int4pack_mm` (tinygemm, sm80+, bf16 activations);
+#   "packed": the canonical `Packed`, dequantized per call (group-wise int8, fp8, NVFP4 through its lookup table,
+#   and shapes the packed kernels refuse). Each is tested against `Packed.dequantize`.
+
+
+def _int4_kernel(device: torch.device, shape: tuple[int, ...], group: int) -> str | None:
+    n, k = shape[-2:]
+    if n % 16 or group not in (32, 64, 128, 256) or k % group:
+        return None
+    if device.type == "cpu":
+        return "int4cpu"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 and k % 32 == 0:
+        return "int4cuda"
+    return None
+
+
+def _inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
+class QuantWeight(nn.Module):
+    """One quantized weight of logical shape [..., N, K] (2-D for a linear, [E, N, K] for experts), in its kernel's
+    layout. `matmul(x, e)` = x [M, K] @ W[e]^T -> [M, N]; `dequantize(e)` is the float weight (a twin)."""
+
+    def __init__(self, shape: tuple[int, ...], spec: QuantSpec, kernels: bool = True):
+        super().__init__()
+        self.shape, self.spec, self.kernels = tuple(shape), spec, kernels
+        self.layout: str | None = None
+        self.packed: Packed | None = None
+
+    def load(self, p: Packed, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Take a checkpoint's `Packed` (any device) and convert it to this device's kernel layout."""
+        assert tuple(p.shape) == self.shape and spec_of(p) == self.spec, (p.shape, spec_of(p), self.shape, self.spec)
+        device, self.dtype = torch.device(device), dtype
+        p = Packed(
+            p.kind,
+            p.data.to(device),
+            p.scale.to(device, torch.float32 if p.kind != "nvfp4" else p.scale.dtype),
+            None if p.zero is None else p.zero.to(device, torch.float32),
+            None if p.global_scale is None else p.global_scale.to(device, torch.float32),
+        )
+        int4 = _int4_kernel(device, self.shape, p.group_size) if p.kind == "int4" and self.kernels else None
+        if p.kind == "int8" and p.group_size == self.shape[-1]:
+            self.layout = "int8pack"
+            self.register_buffer("q", p.data.contiguous(), persistent=False)
+            self.register_buffer("s", p.scale[..., 0].to(dtype).contiguous(), persistent=False)
+        elif int4 is not None:
+            self.layout, self.group = int4, p.group_size
+            q, sz = self._pack_int4(p, int4, dtype)
+            self.register_buffer("q", q, persistent=False)
+            self.register_buffer("sz", sz, persistent=False)
+        else:
+            self.layout, self.packed = "packed", p
+
+    @staticmethod
+    def _pack_int4(p: Packed, layout: str, dtype: torch.dtype):
+        """Per 2-D slice: the tinygemm packing of the codes and [K/g, N, 2] scales/zeros (the kernel's order)."""
+        codes = p.codes().reshape(-1, *p.shape[-2:])  # [L, N, K]
+        sz = torch.stack([p.scale, p.zero], dim=-1).reshape(-1, *p.scale.shape[-2:], 2)  # [L, N, K/g, 2]
+        sz = sz.transpose(1, 2).contiguous()  # [L, K/g, N, 2]
+        if layout == "int4cpu":
+            q = torch.stack([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 2) for c in codes])
+            return q.reshape(*p.shape[:-2], *q.shape[1:]), sz.to(dtype).reshape(*p.shape[:-2], *sz.shape[1:])
+        tiles = _inner_k_tiles(p.shape[-1])  # CUDA: even element in the high nibble (tinygemm's convention)
+        hi_lo = (codes[..., 0::2] << 4) | codes[..., 1::2]  # [L, N, K/2]
+        q = torch.stack([torch._convert_weight_to_int4pack(c.contiguous(), tiles) for c in hi_lo])
+        return q.reshape(*p.shape[:-2], *q.shape[1:]), sz.to(torch.bfloat16).reshape(*p.shape[:-2], *sz.shape[1:])
+
+    def matmul(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x's dtype."""
+        pick = (lambda t: t) if e is None else (lambda t: t[e])
+        if self.layout == "int8pack":
+            return torch._weight_int8pack_mm(x, pick(self.q), pick(self.s).to(x.dtype))
+        if self.layout == "int4cpu":
+            return torch._weight_int4pack_mm_for_cpu(x, pick(self.q), self.group, pick(self.sz).to(x.dtype))
+        if self.layout == "int4cuda":
+            return torch._weight_int4pack_mm(x.to(torch.bfloat16), pick(self.q), self.group, pick(self.sz)).to(x.dtype)
+        return F.linear(x, self.dequantize(e, x.dtype))
+
+    def dequantize(self, e: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [N, K] (of expert e): from the canonical form, or through the kernel on the identity
+        (exact: each output is one weight times 1) for layouts that keep only the kernel's packing."""
+        dtype = dtype or self.dtype
+        if self.layout == "packed":
+            return (self.packed if e is None else select(self.packed, e)).dequantize(dtype)
+        if self.layout == "int8pack":
+            q, s = (self.q, self.s) if e is None else (self.q[e], self.s[e])
+            return (q.float() * s.float()[:, None]).to(dtype)
+        k = self.shape[-1]
+        eye = torch.eye(k, dtype=torch.float32 if self.layout == "int4cpu" else torch.bfloat16, device=self.q.device)
+        return self.matmul(eye, e).t().to(dtype)  # [N, K]
+
+    @property
+    def nbytes(self) -> int:
+        if self.layout == "packed":
+            return sum(t.nbytes for t in self.packed.tensors().values())
+        return sum(b.nbytes for b in self.buffers())
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for a bias-free `nn.Linear` whose weight is a `QuantWeight` (checkpoint keys `<name>.weight`,
+    `<name>.weight_scale`, ...)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = QuantWeight((out_features, in_features), spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.weight.matmul(x.reshape(-1, self.in_features))  # [M, N]
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class QuantExperts(Experts):
+    """`model.Experts` with quantized (or float) gate_up [E, 2I, H] and down [E, H, I]. "grouped" runs the packed
+    kernels per hit expert; "loop" is the twin on dequantized weights. The sync-free "grouped_mm" needs a
+    grouped quantized kernel, which this room has only as the per-expert loop, so it runs "grouped"."""
+
+    def __init__(self, cfg, gate_up: QuantSpec | None, down: QuantSpec | None):
+        nn.Module.__init__(self)
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts = e
+        self.gate_up_proj = QuantWeight((e, 2 * i, h), gate_up) if gate_up else nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = QuantWeight((e, h, i), down) if down else nn.Parameter(torch.empty(e, h, i))
+
+    @staticmethod
+    def _apply(w, e: int, x: torch.Tensor, reference: bool) -> torch.Tensor:
+        if isinstance(w, QuantWeight):
+            return F.linear(x, w.dequantize(e, x.dtype)) if reference else w.matmul(x, e)
+        return F.linear(x, w[e])
+
+    def expert(self, e: int, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        gate, up = self._apply(self.gate_up_proj, e, x, reference).chunk(2, dim=-1)
+        return self._apply(self.down_proj, e, F.gelu(gate, approximate="tanh") * up, reference)
+
+    def reference_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.expert(e, x, reference=True)
+
+    def forward(self, x, weights, idx, impl: str = "grouped"):
+        return self.loop(x, weights, idx) if impl == "loop" else self.grouped(x, weights, idx)
+
+
+class QuantEmbedding(TiedEmbedding):
+    """The tied embedding / LM head / self-conditioning mixer on a quantized E [V, H]. Lookups and the mixer
+    dequantize only the rows they touch (the mixer in chunks of rows, so no float [V, H] copy is ever held); the LM
+    head runs the int8 kernel for a per-row int8 embedding (the scheme `dgemma quantize` writes)."""
+
+    CHUNK = 8192  # rows of E dequantized at a time by `mix`
+
+    def __init__(self, vocab: int, hidden: int, spec: QuantSpec):
+        nn.Module.__init__(self)
+        self.weight = QuantWeight((vocab, hidden), spec, kernels=False)
+
+    def rows(self, index) -> torch.Tensor:
+        w = self.weight
+        if w.layout == "int8pack":
+            return w.q[index].to(w.dtype) * w.s[index][..., None]
+        return select(w.packed, index).dequantize(w.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids.reshape(-1)).view(*ids.shape, -1)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        w, h = self.weight, hidden.shape[-1]
+        if w.layout == "int8pack":
+            return self.weight.matmul(hidden.reshape(-1, h)).view(*hidden.shape[:-1], -1)
+        chunks = range(0, w.shape[0], self.CHUNK)
+        return torch.cat([F.linear(hidden, self.rows(slice(a, a + self.CHUNK))) for a in chunks], -1)  # [..., V]
+
+    def mix(self, rows: torch.Tensor) -> torch.Tensor:
+        v = self.weight.shape[0]
+        out = None
+        for a in range(0, v, self.CHUNK):
+            part = torch.matmul(rows[:, a : a + self.CHUNK], self.rows(slice(a, a + self.CHUNK)))  # [N, H]
+            out = part if out is None else out.add_(part)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What gets quantized, and the swap.
+
+SCHEMES = ("int8", "int4")
+EMBEDDINGS = ("int8", "bf16")  # "bf16": the embedding stays in the model's float dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """What `dgemma quantize` writes: int8 per output channel or int4 in groups for every linear and the experts,
+    and an int8 per-row (or float) tied embedding. The router and norms stay float."""
+
+    bits: str = "int4"
+    group_size: int = 64
+    embedding: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SCHEMES or self.embedding not in EMBEDDINGS:
+            raise ValueError(f"scheme must be one of {SCHEMES} and embedding one of {EMBEDDINGS}")
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group size must be a power of two >= 16, not {self.group_size}")
+
+    def spec(self, target: str, shape: tuple[int, ...]) -> QuantSpec | None:
+        """The spec for one weight, or None to keep it float. int4 takes the largest power-of-two group <= the
+        requested one that divides K (704 and 2112 take 64, not 128), and falls back to int8 if none >= 16 does."""
+        if target == "embedding":
+            return QuantSpec("int8") if self.embedding == "int8" else None
+        if self.bits == "int8":
+            return QuantSpec("int8")
+        g = self.group_size
+        while g >= 16 and shape[-1] % g:
+            g //= 2
+        return QuantSpec("int4", g) if g >= 16 else QuantSpec("int8")
+
+    def config(self) -> dict:
+        """The `quantization_config` entry of config.json."""
+        return {"quant_method": "dgemma", "bits": self.bits, "group_size": self.group_size, "embedding": self.embedding}
+
+
+def quant_target(module: nn.Module, name: str) -> str | None:
+    """ "linear" | "experts" | "embedding" for the modules the room quantizes (the router stays float)."""
+    if isinstance(module, TiedEmbedding):
+        return "embedding"
+    if isinstance(module, Experts):
+        return "experts"
+    if isinstance(module, nn.Linear) and not name.endswith("router.proj"):
+        return "linear"
+    return None
+
+
+def weight_names(module: nn.Module, target: str) -> tuple[str, ...]:
+    return ("gate_up_proj", "down_proj") if target == "experts" else ("weight",)
+
+
+def plan_scheme(model: DiffusionGemma, scheme: Scheme) -> dict[str, QuantSpec | None]:
+    """Module-relative weight name ("layers.0.experts.gate_up_proj", "embed_tokens.weight", ...) -> its spec."""
+    plan = {}
+    for name, module in model.named_modules():
+        target = quant_target(module, name)
+        for w in weight_names(module, target) if target else ():
+            plan[f"{name}.{w}"] = scheme.spec(target, tuple(getattr(module, w).shape))
+    return plan
+
+
+def swap_modules(model: DiffusionGemma, plan: dict[str, QuantSpec | None]) -> DiffusionGemma:
+    """Replace (in place) every module with a quantized weight in `plan` by its empty quantized twin; `load` on its
+    `QuantWeight`s fills it. Built on the current default device (meta, in the loader)."""
+    cfg = model.text
+    for name, module in list(model.named_modules()):
+        target = quant_target(module, name)
+        if target is None:
+            continue
+        specs = [plan.get(f"{name}.{w}") for w in weight_names(module, target)]
+        if not any(specs):
+            continue
+        if target == "experts":
+            new = QuantExperts(cfg, *specs)
+        elif target == "embedding":
+            new = QuantEmbedding(*module.weight.shape, specs[0])
+        else:
+            new = QuantLinear(module.in_features, module.out_features, specs[0])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def quantize_model(model: DiffusionGemma, scheme: Scheme) -> DiffusionGemma:
+    """Quantize a float model in memory (tests, benchmarks): the same specs `dgemma quantize` writes."""
+    plan = plan_scheme(model, scheme)
+    floats = {name: getattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in plan}
+    dtype, device = model.dtype, model.device
+    swap_modules(model, plan)
+    for name, spec in plan.items():
+        if spec is not None:
+            owner, _, w = name.rpartition(".")
+            getattr(model.get_submodule(owner), w).load(pack(floats[name].detach(), spec), dtype, device)
+        elif isinstance(model.get_submodule(name.rpartition(".")[0]), QuantExperts):
+            owner, _, w = name.rpartition(".")
+            setattr(model.get_submodule(owner), w, nn.Parameter(floats[name].detach(), requires_grad=False))
+    return model
+
+
+def pack(w: torch.Tensor, spec: QuantSpec) -> Packed:
+    """Quantize a float weight [..., N, K] to `spec` (round to nearest), one leading slice at a time so a 3-D
+    expert tensor never needs a full fp32 copy."""
+    if spec.kind not in ("int8", "int4"):
+        raise ValueError(f"dgemma quantizes to int8 or int4, not {spec.kind}")
+    fn = (
+        (lambda t: quantize_int8(t, spec.group_size))
+        if spec.kind == "int8"
+        else lambda t: quantize_int4(t, spec.group_size)
+    )
+    if w.dim() == 2:
+        return fn(w)
+    parts = [fn(w[i]) for i in range(w.shape[0])]
+    stack = lambda ts: None if ts[0] is None else torch.stack(ts)
+    return Packed(
+        spec.kind,
+        stack([p.data for p in parts]),
+        stack([p.scale for p in parts]),
+        stack([p.zero for p in parts]),
+    )

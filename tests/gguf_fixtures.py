@@ -61,7 +61,9 @@ def encode_q6_k(b: np.ndarray) -> np.ndarray:
     hi = (q >> 4).reshape(-1, 2, 4, 32)
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # [nb, 2, 32]
     n = len(b)
-    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d16.view(np.uint8)[:, None]], 1)
+    return np.concatenate(
+        [ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d16.view(np.uint8).reshape(-1, 2)], 1
+    )
 
 
 def encode_q4_k(b: np.ndarray) -> np.ndarray:
@@ -83,7 +85,7 @@ def encode_q4_k(b: np.ndarray) -> np.ndarray:
         1,
     )  # [nb, 12]
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)  # per 64-elem chunk: low = first 32, high = next 32
-    return np.concatenate([d16.view(np.uint8)[:, None], dmin16.view(np.uint8)[:, None], scales, qs], 1)
+    return np.concatenate([d16.view(np.uint8).reshape(-1, 2), dmin16.view(np.uint8).reshape(-1, 2), scales, qs], 1)
 
 
 def _div_round(x: np.ndarray, s: np.ndarray) -> np.ndarray:

@@ -135,30 +135,30 @@ def gguf_config(path: Path) -> dict:
     reader, path = _open(path), Path(path)
     meta = _Meta(reader, path)
     shapes = {t.name: _shape(t) for t in reader.tensors}
-    n_layers, heads = meta.int("block_count"), meta.int("attention.head_count")
+    n_layers, heads = meta.scalar("block_count"), meta.scalar("attention.head_count")
     layer_types = _layer_types(meta, shapes, n_layers)
     geometry = [_geometry(meta, shapes, i, t, heads) for i, t in enumerate(layer_types)]
     head_dim_full = next((hd for (hd, _), t in zip(geometry, layer_types) if t == FULL), None)
     text = {
         "vocab_size": _tensor_shape(shapes, "token_embd.weight", path)[0],
-        "hidden_size": meta.int("embedding_length"),
-        "intermediate_size": meta.int(
+        "hidden_size": meta.scalar("embedding_length"),
+        "intermediate_size": meta.scalar(
             "feed_forward_length", lambda: _tensor_shape(shapes, "blk.0.ffn_gate.weight", path)[0]
         ),
-        "moe_intermediate_size": meta.int(
+        "moe_intermediate_size": meta.scalar(
             "expert_feed_forward_length", lambda: _tensor_shape(shapes, "blk.0.ffn_down_exps.weight", path)[-1]
         ),
-        "num_experts": meta.int("expert_count"),
-        "top_k_experts": meta.int("expert_used_count"),
+        "num_experts": meta.scalar("expert_count"),
+        "top_k_experts": meta.scalar("expert_used_count"),
         "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
         "layer_types": layer_types,
         "per_layer_config": {
             str(i): {"head_dim": hd, "num_key_value_heads": kv} for i, (hd, kv) in enumerate(geometry)
         },
-        "sliding_window": meta.int("attention.sliding_window"),
+        "sliding_window": meta.scalar("attention.sliding_window"),
         "rope_parameters": _rope(meta, reader, head_dim_full),
-        "max_position_embeddings": meta.int("context_length", lambda: 131_072),
+        "max_position_embeddings": meta.scalar("context_length", lambda: 131_072),
         "rms_norm_eps": meta.float("attention.layer_norm_rms_epsilon", 1e-6),
         "final_logit_softcapping": meta.float("final_logit_softcapping", None),
         "tie_word_embeddings": True,
@@ -166,7 +166,7 @@ def gguf_config(path: Path) -> dict:
     }
     config = {
         "model_type": "diffusion_gemma",
-        "canvas_length": meta.int(CANVAS_KEY, prefixed=False),
+        "canvas_length": meta.scalar(CANVAS_KEY, prefixed=False),
         "text_config": text,
     }
     if "eos_token_id" in text:
@@ -350,6 +350,15 @@ class _Meta:
             )
         return [int(x) for x in v] if isinstance(v, list) else int(v)
 
+    def scalar(self, key: str, default=None, prefixed: bool = True) -> int:
+        """One int; a per-layer array must hold a single repeated value (dgemma has one per model)."""
+        v = self.int(key, default, prefixed)
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise CheckpointError(f"{self.path.name}: per-layer {self._name(key, prefixed)} {v} is not supported")
+            return v[0]
+        return v
+
     def float(self, key: str, default: float | None) -> float | None:
         v = self.get(key, prefixed=True)
         if v is None:
@@ -358,14 +367,6 @@ class _Meta:
 
     def _name(self, key: str, prefixed: bool) -> str:
         return f"{ARCH}.{key}" if prefixed else key
-
-
-def _uniform(v: int | list[int], key: str, path: Path) -> int:
-    if isinstance(v, list):
-        if len(set(v)) != 1:
-            raise CheckpointError(f"{path.name}: per-layer {key} {v} is not supported (dgemma needs one value)")
-        return v[0]
-    return v
 
 
 def _layer_types(meta: _Meta, shapes: dict, n_layers: int) -> list[str]:
@@ -386,9 +387,7 @@ def _layer_types(meta: _Meta, shapes: dict, n_layers: int) -> list[str]:
 def _geometry(meta: _Meta, shapes: dict, i: int, layer_type: str, heads: int) -> tuple[int, int]:
     """(head_dim, kv heads) of layer i: metadata where present, else attn_q / attn_k rows."""
     key = "attention.key_length" if layer_type == FULL else "attention.key_length_swa"
-    head_dim = _uniform(
-        meta.int(key, lambda: _tensor_shape(shapes, f"blk.{i}.attn_q.weight", meta.path)[0] // heads), key, meta.path
-    )
+    head_dim = meta.scalar(key, lambda: _tensor_shape(shapes, f"blk.{i}.attn_q.weight", meta.path)[0] // heads)
     kv = meta.int("attention.head_count_kv", lambda: None) or None
     if isinstance(kv, list):
         if len(kv) <= i:

@@ -16,8 +16,8 @@ from dgemma.config import CheckpointError, ModelConfig
 from dgemma.gguf_import import ARCH, CANVAS_KEY, gguf_config, gguf_header, gguf_path, gguf_tensors
 from dgemma.loader import expected_tensors
 from dgemma.quantize import Packed
-from tests.gguf_fixtures import encode, encode_q4_k, encode_q6_k, gguf_name, random_blocks, write_gguf, write_tensors
-from tests.tiny import random_model, tiny_config
+from gguf_fixtures import encode, encode_q4_k, encode_q6_k, gguf_name, random_blocks, write_gguf, write_tensors
+from tiny import random_model, tiny_config
 
 PACKED = {Q.Q8_0: ("int8", 32), Q.Q5_0: ("int8", 32), Q.Q6_K: ("int8", 16), Q.Q4_0: ("int4", 32), Q.Q4_K: ("int4", 32)}
 SHAPES = {"blk.0.attn_q.weight": (4, 512), "blk.0.ffn_gate_up_exps.weight": (3, 4, 256)}  # 2-D and experts [E, N, K]

@@ -3,19 +3,28 @@
 The inverse of the loader: `config.json` (diffusion_gemma / text_config with `per_layer_config`),
 `generation_config.json`, `model.safetensors` with `model.decoder.*` + encoder `layer_scalar` keys, and optionally
 `tokenizer.json` + `tokenizer_config.json`. Used by the trainer and by tests that need a checkpoint with a tokenizer.
+`quantize_checkpoint` (`dgemma quantize`) streams a float checkpoint into dgemma's int8/int4 layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import resource
+import shutil
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import FULL, GenerationSettings, ModelConfig
-from .loader import TORCH_DTYPES, expected_tensors
+from .config import FULL, CheckpointError, GenerationSettings, ModelConfig, read_json
+from .loader import TORCH_DTYPES, check_tensors, expected_tensors, plan_tensors, resolve_model_dir, safetensors_table
 from .model import DiffusionGemma
+from .quantize import QuantSpec, Scheme, pack, plan_scheme
 
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
@@ -117,3 +126,131 @@ def save_model(
 
 # Gemma 4's chat protocol (turns, thinking, tool declarations, calls and results): see the file's header.
 CHAT_TEMPLATE = Path(__file__).parent / "bundled" / "chat_template.jinja"
+
+
+# --- dgemma quantize ---------------------------------------------------------------------------------------------
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8}
+SAFETENSORS_DTYPES.update({"U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn})
+COPIED = ("*.json", "*.jinja", "tokenizer*", "*.model")  # configs and tokenizer; never code, not the float card
+SHARD_BYTES = 2 << 30
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    scheme: Scheme,
+    progress: Callable[[int, int], None] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> dict:
+    """Stream a float checkpoint into dgemma's quantized layout, tensor by tensor (3-D experts one expert at a
+    time, read through safetensors slices), so peak memory is about one expert's fp32 copy plus one output tensor,
+    whatever the model's size. Output shards are written header first from the planned layout, then filled in order.
+    Returns sizes and the process's peak RSS."""
+    src, dst = resolve_model_dir(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty")
+    raw = read_json(src / "config.json")
+    if raw.get("quantization_config"):
+        raise CheckpointError(f"{src} is already quantized ({raw['quantization_config'].get('quant_method')})")
+    config = ModelConfig.from_dict(raw)
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    expected = expected_tensors(model)
+    found = safetensors_table(src)
+    entries = plan_tensors(src, raw, found)
+    check_tensors(expected, entries, None)
+    specs = plan_scheme(model, scheme)
+    layout = _output_layout(expected, entries, specs)
+    shards = _split(layout, shard_bytes)
+    dst.mkdir(parents=True, exist_ok=True)
+    total, done = sum(_bytes(found[k][0], found[k][1]) for k in expected), 0
+    with contextlib.ExitStack() as stack:
+        handles = {}
+
+        def source(key: str):
+            path = found[key][2]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            return handles[path]
+
+        for name, keys in shards:
+            with open(dst / name, "wb") as f:
+                _write_header(f, {t: layout[k][t] for k in keys for t in layout[k]})
+                for key in keys:
+                    f.writelines(tensor.contiguous().view(torch.uint8).numpy().tobytes() for tensor in _produce(source(key), key, specs.get(expected[key][0]), entries[key]))
+                    done += _bytes(found[key][0], found[key][1])
+                    if progress is not None:
+                        progress(done, total)
+    if len(shards) > 1:
+        weight_map = {t: name for name, keys in shards for k in keys for t in layout[k]}
+        index = {"metadata": {"total_size": sum(_bytes(*v) for lay in layout.values() for v in lay.values())}}
+        (dst / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}, indent=2))
+    _copy_side_files(src, dst)
+    (dst / "config.json").write_text(json.dumps({**raw, "quantization_config": scheme.config()}, indent=2) + "\n")
+    out_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"in_bytes": total, "out_bytes": out_bytes, "shards": len(shards), "peak_rss_bytes": peak}
+
+
+def _output_layout(expected, entries, specs) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
+    """checkpoint key -> {output tensor name: (dtype, shape)} in the order they will be written."""
+    layout = {}
+    for key in expected:
+        spec, shape = specs.get(expected[key][0]), tuple(entries[key].shape)
+        if spec is None:
+            layout[key] = {key: (entries[key].dtype, shape)}
+        else:
+            layout[key] = {key + suffix: v for suffix, v in spec.tensors(shape).items()}
+    return layout
+
+
+def _split(layout: dict, shard_bytes: int) -> list[tuple[str, list[str]]]:
+    groups, size = [[]], 0
+    for key, tensors in layout.items():
+        n = sum(_bytes(*v) for v in tensors.values())
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += n
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _produce(f, key: str, spec: QuantSpec | None, entry) -> Iterator[torch.Tensor]:
+    """The output tensors of one checkpoint tensor, in layout order (suffixes "", "_scale", "_zero")."""
+    if spec is None:
+        yield f.get_tensor(key)
+        return
+    sliced = f.get_slice(key)
+    if len(entry.shape) == 2:
+        parts = [pack(sliced[:], spec)]
+    else:
+        parts = [pack(sliced[i : i + 1][0], spec) for i in range(entry.shape[0])]  # one expert at a time
+    for suffix in spec.tensors(tuple(entry.shape)):
+        tensors = [p.tensors()[suffix] for p in parts]
+        yield tensors[0] if len(entry.shape) == 2 else torch.stack(tensors)
+
+
+def _write_header(f, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """A safetensors header for tensors written back to back in this order (8-byte aligned, as the format wants)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = _bytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)) + raw)
+
+
+def _bytes(dtype: str, shape) -> int:
+    return math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for pattern in COPIED:
+        for p in src.glob(pattern):
+            if p.is_file() and not p.is_symlink() and p.name not in ("config.json", "model.safetensors.index.json"):
+                shutil.copyfile(p, dst / p.name)

@@ -51,7 +51,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from .config import FULL, SLIDING, CheckpointError
-from .quantize import Packed, pack_nibbles
+from .quantize import Packed, QuantSpec, pack_nibbles
 
 log = logging.getLogger(__name__)
 
@@ -426,3 +426,14 @@ def _token_ids(meta: _Meta) -> dict:
     if eot is not None and "eos_token_id" in out and int(eot) != out["eos_token_id"]:
         out["eos_token_id"] = [out["eos_token_id"], int(eot)]
     return out
+
+
+# the `quantize.QuantSpec` each block type decodes to (`decode`), for planning before any tensor is read
+SPECS = {"Q8_0": ("int8", 32), "Q5_0": ("int8", 32), "Q6_K": ("int8", 16), "Q4_0": ("int4", 32), "Q4_K": ("int4", 32)}
+
+
+def gguf_spec(type_name: str, shape: tuple[int, ...]) -> QuantSpec | None:
+    """The spec a tensor of this ggml type decodes to, or None when it decodes to float."""
+    if type_name not in SPECS or len(shape) < 2:
+        return None
+    return QuantSpec(*SPECS[type_name])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import prequant
+from . import gguf_import, prequant
 from .config import CheckpointError, ConfigError, GenerationSettings, ModelConfig, read_json
 from .model import DEFAULT_EXECUTION, DiffusionGemma, Execution
 from .quantize import Packed, QuantSpec, swap_modules
@@ -219,7 +219,8 @@ class Entry:
 
 def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, list, Path]]) -> dict[str, Entry]:
     """checkpoint key -> Entry, for dgemma's float and quantized layouts and the pre-quantized NVFP4/FP8 ones."""
-    fmt = prequant.detect(model_dir, raw_config)
+    method = (raw_config.get("quantization_config") or {}).get("quant_method")
+    fmt = None if method == "dgemma" else prequant.detect(model_dir, raw_config)
     if fmt is not None:
         out = {}
         for key, (kind, shape, sources) in prequant.plan(fmt, found).items():
@@ -276,33 +277,36 @@ def load_model(
     `check_finite`: warn about NaN/Inf weights (a full pass over the weights; None = only up to 2 GiB).
     `progress(done_bytes, total_bytes)` is called after each tensor (the CLI draws a bar for big checkpoints)."""
     model_dir = resolve_model_dir(model_dir)
+    gguf_file = None if _has_safetensors(model_dir) else gguf_import.gguf_path(model_dir)
     config_path = model_dir / "config.json"
-    if not config_path.is_file():
+    if config_path.is_file():
+        raw_config = read_json(config_path)
+    elif gguf_file is not None:
+        raw_config = gguf_import.gguf_config(gguf_file)
+    else:
         raise CheckpointError(f"{model_dir} has no config.json")
-    raw_config = read_json(config_path)
     if raw_config.get("auto_map"):
         log.warning("config.json has auto_map (remote code); it is ignored, dgemma never imports model-dir code")
     config = ModelConfig.from_dict(raw_config)
     with torch.device("meta"), _skip_weight_init():
         model = DiffusionGemma(config, execution)
     expected = expected_tensors(model)
-    found: dict[str, tuple[str, list, Path]] = {}
-    for path in weight_files(model_dir):
-        for name, info in read_header(path).items():
-            if name in found:
-                raise CheckpointError(f"tensor {name!r} appears in two shards ({found[name][2].name}, {path.name})")
-            found[name] = (info["dtype"], info["shape"], path)
-    _check_index(model_dir, found)
-    entries = plan_tensors(model_dir, raw_config, found)
-    declared = DTYPE_NAMES.get(raw_config.get("dtype") or raw_config.get("torch_dtype") or "")
+    if gguf_file is not None:
+        entries, declared = _plan_gguf(gguf_file, expected), None
+    else:
+        found = safetensors_table(model_dir)
+        entries = plan_tensors(model_dir, raw_config, found)
+        declared = DTYPE_NAMES.get(raw_config.get("dtype") or raw_config.get("torch_dtype") or "")
     check_tensors(expected, entries, declared)
-    norm = entries[checkpoint_name("norm.weight")]
-    target = dtype or DTYPES[norm.dtype]
+    target = dtype or DTYPES[entries[checkpoint_name("norm.weight")].dtype]
     plan = {expected[k][0]: e.spec for k, e in entries.items() if k in expected}
     if any(plan.values()):
         with torch.device("meta"):
             swap_modules(model, plan)
-    state, packed = _read_tensors(entries, expected, found, target, device, progress)
+    if gguf_file is not None:
+        state, packed = _read_gguf(gguf_file, expected, entries, target, device, progress)
+    else:
+        state, packed = _read_tensors(entries, expected, found, target, device, progress)
     model.load_state_dict(state, strict=False, assign=True)
     for name, p in packed.items():
         owner, _, attr = name.rpartition(".")
@@ -311,6 +315,52 @@ def load_model(
     if check_finite or (check_finite is None and sum(t.nbytes for t in state.values()) <= FINITE_CHECK_BYTES):
         _warn_non_finite(state)
     return model.eval().requires_grad_(False)  # inference: no autograd graph is ever built or kept
+
+
+def _has_safetensors(model_dir: Path) -> bool:
+    names = ("model.safetensors", "model.safetensors.index.json")
+    return any((model_dir / n).exists() for n in names) or any(model_dir.glob("model-*.safetensors"))
+
+
+def safetensors_table(model_dir: Path) -> dict[str, tuple[str, list, Path]]:
+    """checkpoint key -> (dtype, shape, shard) from every validated shard header."""
+    found: dict[str, tuple[str, list, Path]] = {}
+    for path in weight_files(model_dir):
+        for name, info in read_header(path).items():
+            if name in found:
+                raise CheckpointError(f"tensor {name!r} appears in two shards ({found[name][2].name}, {path.name})")
+            found[name] = (info["dtype"], info["shape"], path)
+    _check_index(model_dir, found)
+    return found
+
+
+def _plan_gguf(path: Path, expected: dict) -> dict[str, Entry]:
+    """Entries of a GGUF file: its block types' lossless packed forms where dgemma quantizes the tensor, float
+    (dequantized at load) everywhere else."""
+    entries = {}
+    for key, (type_name, shape) in gguf_import.gguf_header(path).items():
+        spec = gguf_import.gguf_spec(type_name, shape)
+        if spec is not None and key in expected and not quantizable(expected[key][0]):
+            spec = None
+        dtype = type_name if type_name in DTYPES else "F32"
+        entries[key] = Entry(tuple(shape), [key], dtype=None if spec else dtype, spec=spec)
+    return entries
+
+
+def _read_gguf(path: Path, expected, entries, target, device, progress):
+    state, packed, total = {}, {}, len(entries)
+    for done, (key, value) in enumerate(gguf_import.gguf_tensors(path, target), 1):
+        if key in expected:
+            name = expected[key][0]
+            if isinstance(value, Packed) and entries[key].spec is None:
+                value = value.dequantize(target)
+            if isinstance(value, Packed):
+                packed[name] = value
+            else:
+                state[name] = value.to(device=device, dtype=target)
+        if progress is not None:
+            progress(done, total)
+    return state, packed
 
 
 def _read_tensors(entries, expected, found, target, device, progress):

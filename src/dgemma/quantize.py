@@ -218,7 +218,8 @@ class QuantWeight(nn.Module):
 
     def load(self, p: Packed, dtype: torch.dtype, device: torch.device | str) -> None:
         """Take a checkpoint's `Packed` (any device) and convert it to this device's kernel layout."""
-        assert tuple(p.shape) == self.shape and spec_of(p) == self.spec, (p.shape, spec_of(p), self.shape, self.spec)
+        want = self.spec.group_size or (NVFP4_BLOCK if self.spec.kind == "nvfp4" else self.shape[-1])
+        assert (tuple(p.shape), p.kind, p.group_size) == (self.shape, self.spec.kind, want), (p.shape, self.spec)
         device, self.dtype = torch.device(device), dtype
         p = Packed(
             p.kind,

@@ -164,20 +164,20 @@ BAR_BYTES = 1 << 30  # checkpoints from this size on get a loading bar
 
 
 @contextlib.contextmanager
-def loading_bar():
+def loading_bar(label: str = "loading weights", min_bytes: int = BAR_BYTES):
     """A `progress(done, total)` callback drawing a transient bar on a terminal's stderr for big checkpoints."""
     if not sys.stderr.isatty():
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("loading weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
         task = None
 
         def progress(done: int, total: int) -> None:
             nonlocal task
-            if total < BAR_BYTES:
+            if total < min_bytes:
                 return
             if task is None:
                 task = bar.add_task("load", total=total)
@@ -497,6 +497,48 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def add_quantize_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="write an int8/int4 copy of a float checkpoint (streams tensor by tensor: bounded memory)",
+        description="Quantize every linear and the routed experts (int8 per channel, or int4 in groups) and the tied "
+        "embedding (int8 per row, or kept float). The result loads with --model DST everywhere.",
+    )
+    p.add_argument("src", help="float checkpoint directory (or hub id)")
+    p.add_argument("dst", help="output directory (must be new or empty)")
+    p.add_argument("--scheme", choices=("int8", "int4"), default="int4")
+    p.add_argument("--group-size", type=int, default=64, help="int4 inputs per scale (power of two >= 16)")
+    p.add_argument("--embedding", choices=("int8", "bf16"), default="int8", help="bf16: keep the embedding float")
+    p.add_argument("--shard-gb", type=float, default=2.0, help="output shard size")
+    p.set_defaults(handler=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .config import CheckpointError, ConfigError
+    from .export import quantize_checkpoint
+    from .quantize import Scheme
+
+    try:
+        scheme = Scheme(args.scheme, args.group_size, args.embedding)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.shard_gb <= 0:
+        raise CliError("--shard-gb must be positive")
+    try:
+        with loading_bar("quantizing", min_bytes=0) as progress:
+            stats = quantize_checkpoint(args.src, args.dst, scheme, progress, int(args.shard_gb * (1 << 30)))
+    except FileExistsError as e:
+        raise CliError(str(e)) from None
+    except (CheckpointError, ConfigError, OSError) as e:
+        raise CliError(str(e), EXIT_CHECKPOINT) from None
+    print(
+        f"wrote {args.dst}: {stats['out_bytes'] / 1e6:.1f} MB in {stats['shards']} shard(s) from "
+        f"{stats['in_bytes'] / 1e6:.1f} MB ({scheme.bits}, group {scheme.group_size}, embedding {scheme.embedding}); "
+        f"peak RSS {stats['peak_rss_bytes'] / 1e6:.0f} MB"
+    )
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="dgemma", description="DiffusionGemma text-diffusion inference.")
     parser.add_argument("--version", action="version", version=f"dgemma {version()}")
@@ -504,6 +546,7 @@ def build_parser() -> Parser:
     add_generate_parser(sub)  # one line per subcommand; each sets its handler with set_defaults(handler=...)
     add_infill_parser(sub)
     add_edit_parser(sub)
+    add_quantize_parser(sub)
     from .repl import add_chat_parser  # light: torch loads only when `chat` runs
 
     add_chat_parser(sub)

@@ -177,7 +177,10 @@ def quantize_checkpoint(
             with open(dst / name, "wb") as f:
                 _write_header(f, {t: layout[k][t] for k in keys for t in layout[k]})
                 for key in keys:
-                    f.writelines(tensor.contiguous().view(torch.uint8).numpy().tobytes() for tensor in _produce(source(key), key, specs.get(expected[key][0]), entries[key]))
+                    f.writelines(
+                        tensor.contiguous().view(torch.uint8).numpy().tobytes()
+                        for tensor in _produce(source(key), key, specs.get(expected[key][0]), entries[key])
+                    )
                     done += _bytes(found[key][0], found[key][1])
                     if progress is not None:
                         progress(done, total)

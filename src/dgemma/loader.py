@@ -215,6 +215,7 @@ class Entry:
     sources: list[str]
     dtype: str | None = None
     spec: QuantSpec | None = None
+    fmt: str | None = None  # a `prequant` format whose `assemble` builds it; None: dgemma's own layout
 
 
 def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, list, Path]]) -> dict[str, Entry]:
@@ -225,10 +226,10 @@ def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, 
         out = {}
         for key, (kind, shape, sources) in prequant.plan(fmt, found).items():
             if kind == "float":
-                out[key] = Entry(tuple(shape), sources, dtype=found[sources[0]][0])
+                out[key] = Entry(tuple(shape), sources, dtype=found[sources[0]][0], fmt=fmt)
             else:
                 groups = next(found[s][1][-1] for s in sources if s.endswith("weight_scale"))
-                out[key] = Entry(tuple(shape), sources, spec=_spec(kind, shape[-1], groups))
+                out[key] = Entry(tuple(shape), sources, spec=_spec(kind, shape[-1], groups), fmt=fmt)
         return out
     out = {}
     for key, (dtype, shape, _) in found.items():
@@ -399,9 +400,8 @@ def _read_tensors(entries, expected, found, target, device, progress):
 
 def _assemble(key: str, entry: Entry, get, found) -> torch.Tensor | Packed:
     sources = {s: get(s) for s in entry.sources}
-    if any(s != key and not s.startswith(key) for s in entry.sources) or entry.spec is None:
-        kind = entry.spec.kind if entry.spec else "float"
-        return prequant.assemble(key, kind, sources)
+    if entry.fmt is not None:
+        return prequant.assemble(key, entry.spec.kind if entry.spec else "float", sources)
     t = {s[len(key) :]: v for s, v in sources.items()}
     return Packed(entry.spec.kind, t[""], t["_scale"].float(), t.get("_zero"), t.get("_global"))
 

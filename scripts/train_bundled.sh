@@ -16,6 +16,9 @@
 # Background on one core, a session of 2 hours (setsid: the run outlives the shell that started it):
 #   mkdir -p runs/v2 && setsid nohup nice -n 10 scripts/train_bundled.sh --time-limit-min 120 \
 #     >> runs/v2/train.log 2>&1 < /dev/null &
+# While you edit the same checkout, run it from a snapshot instead (lazy imports of half-edited modules killed a run
+# once): git worktree add /tmp/dg-train HEAD && ln -s "$PWD/runs" /tmp/dg-train/runs, then start
+# /tmp/dg-train/scripts/train_bundled.sh with PYTHONPATH=/tmp/dg-train/src.
 # runs/ is not in git: the state saved at the end of a session is committed as checkpoints/v2/train_state.pt, and a
 # fresh clone resumes from it.
 cd "$(dirname "$0")/.."

@@ -304,14 +304,16 @@ def load_model(
     if any(plan.values()):
         with torch.device("meta"):
             swap_modules(model, plan)
-    if gguf_file is not None:
-        state, packed = _read_gguf(gguf_file, expected, entries, target, device, progress)
-    else:
-        state, packed = _read_tensors(entries, expected, found, target, device, progress)
-    model.load_state_dict(state, strict=False, assign=True)
-    for name, p in packed.items():
+
+    def put_packed(name: str, p: Packed) -> None:  # converted at once: no second copy of the model is ever held
         owner, _, attr = name.rpartition(".")
         getattr(model.get_submodule(owner), attr).load(p, target, device)
+
+    if gguf_file is not None:
+        state = _read_gguf(gguf_file, expected, entries, target, device, progress, put_packed)
+    else:
+        state = _read_tensors(entries, expected, found, target, device, progress, put_packed)
+    model.load_state_dict(state, strict=False, assign=True)
     _materialise_rope(model, device)
     if check_finite or (check_finite is None and sum(t.nbytes for t in state.values()) <= FINITE_CHECK_BYTES):
         _warn_non_finite(state)
@@ -348,30 +350,30 @@ def _plan_gguf(path: Path, expected: dict) -> dict[str, Entry]:
     return entries
 
 
-def _read_gguf(path: Path, expected, entries, target, device, progress):
-    state, packed, total = {}, {}, len(entries)
+def _read_gguf(path: Path, expected, entries, target, device, progress, put_packed):
+    state, total = {}, len(entries)
     for done, (key, value) in enumerate(gguf_import.gguf_tensors(path, target), 1):
         if key in expected:
             name = expected[key][0]
             if isinstance(value, Packed) and entries[key].spec is None:
                 value = value.dequantize(target)
             if isinstance(value, Packed):
-                packed[name] = value
+                put_packed(name, value)
             else:
                 state[name] = value.to(device=device, dtype=target)
         if progress is not None:
             progress(done, total)
-    return state, packed
+    return state
 
 
-def _read_tensors(entries, expected, found, target, device, progress):
+def _read_tensors(entries, expected, found, target, device, progress, put_packed):
     """Read every expected entry shard by shard: float tensors cast to `target`, quantized ones as `Packed`
     (codes kept, scales fp32; their module converts them to its kernel's layout)."""
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(found[entries[key].sources[0]][2], []).append(key)
     total = sum(_nbytes(found[s]) for k in expected for s in entries[k].sources)
-    done, state, packed = 0, {}, {}
+    done, state = 0, {}
     with contextlib.ExitStack() as stack:
         handles: dict[Path, object] = {}
 
@@ -391,11 +393,11 @@ def _read_tensors(entries, expected, found, target, device, progress):
                     if isinstance(value, torch.Tensor):
                         state[name] = value.to(device=device, dtype=target)
                     else:
-                        packed[name] = value
+                        put_packed(name, value)
                 done += sum(_nbytes(found[s]) for s in entry.sources)
                 if progress is not None:
                     progress(done, total)
-    return state, packed
+    return state
 
 
 def _assemble(key: str, entry: Entry, get, found) -> torch.Tensor | Packed:

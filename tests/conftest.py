@@ -6,11 +6,16 @@ transformers is imported lazily (inside fixtures) so tests that never touch the 
 from __future__ import annotations
 
 import os
+import shutil
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the OpenMP pool's barrier waits
 # dominate (measured: ~7 ms per denoise step with 1 thread, 50-170 ms with 2 while other processes run). The
 # environment variable also reaches the CLI subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton kernels run under Triton's interpreter on CPU tensors (tests/test_triton_moe.py); it must be
+# set before triton is first imported.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

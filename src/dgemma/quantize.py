@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_moe
 from .model import DiffusionGemma, Experts, TiedEmbedding
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,8 @@ def spec_of(p: Packed) -> QuantSpec:
 #   "int8pack": per-row int8, `torch._weight_int8pack_mm` (CPU and CUDA);
 #   "int4cpu": `torch._weight_int4pack_mm_for_cpu` (tinygemm form, scales and zeros [K/g, N, 2]);
 #   "int4cuda": `torch._weight_int4pack_mm` (tinygemm, sm80+, bf16 activations);
+#   "triton": int4 experts on CUDA with Triton: the canonical `Packed` (bf16 scales), run by the fused sync-free
+#   `triton_moe.fused_moe` for the whole layer (per expert, like "packed", anywhere else);
 #   "packed": the canonical `Packed`, dequantized per call (group-wise int8, fp8, NVFP4 through its lookup table,
 #   and shapes the packed kernels refuse). Each is tested against `Packed.dequantize`.
 # The packed kernels run on bf16 activations and bf16 scales whatever the model's dtype: with fp32 activations both
@@ -242,7 +245,10 @@ class QuantWeight(nn.Module):
             None if p.global_scale is None else p.global_scale.to(device, torch.float32),
         )
         int4 = _int4_kernel(device, self.shape, p.group_size) if p.kind == "int4" and self.kernels else None
-        if p.kind == "int8" and p.group_size == self.shape[-1]:
+        if p.kind == "int4" and len(self.shape) == 3 and device.type == "cuda" and triton_moe.available():
+            bf16 = lambda t: t.to(torch.bfloat16).contiguous()
+            self.layout, self.packed = "triton", Packed("int4", p.data.contiguous(), bf16(p.scale), bf16(p.zero))
+        elif p.kind == "int8" and p.group_size == self.shape[-1]:
             self.layout = "int8pack"
             self.register_buffer("q", _aligned(p.data), persistent=False)
             self.register_buffer("s", p.scale[..., 0].contiguous(), persistent=False)  # fp32, cast per call
@@ -270,7 +276,7 @@ class QuantWeight(nn.Module):
 
     def matmul(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype."""
-        if self.layout == "packed":
+        if self.layout in ("packed", "triton"):
             return F.linear(x, self.dequantize(e, x.dtype))
         q = self.q if e is None else self.q[e]
         xk = x.to(KERNEL_DTYPE)
@@ -286,7 +292,7 @@ class QuantWeight(nn.Module):
         """The float weight [N, K] (of expert e): from the canonical form, or through the kernel on the identity
         (exact: each output is one weight times 1) for layouts that keep only the kernel's packing."""
         dtype = dtype or self.dtype
-        if self.layout == "packed":
+        if self.layout in ("packed", "triton"):
             return (self.packed if e is None else select(self.packed, e)).dequantize(dtype)
         if self.layout == "int8pack":
             q, s = (self.q, self.s) if e is None else (self.q[e], self.s[e])
@@ -296,7 +302,7 @@ class QuantWeight(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        if self.layout == "packed":
+        if self.layout in ("packed", "triton"):
             return sum(t.nbytes for t in self.packed.tensors().values())
         return sum(b.nbytes for b in self.buffers())
 
@@ -317,8 +323,9 @@ class QuantLinear(nn.Module):
 
 class QuantExperts(Experts):
     """`model.Experts` with quantized (or float) gate_up [E, 2I, H] and down [E, H, I]. "grouped" runs the packed
-    kernels per hit expert; "loop" is the twin on dequantized weights. The sync-free "grouped_mm" needs a
-    grouped quantized kernel, which this room has only as the per-expert loop, so it runs "grouped"."""
+    kernels per hit expert; "loop" is the twin on dequantized weights; the sync-free "grouped_mm" runs the fused
+    Triton kernel (`triton_moe`) for int4 experts on CUDA, and "grouped" elsewhere (no other grouped quantized
+    kernel exists)."""
 
     def __init__(self, cfg, gate_up: QuantSpec | None, down: QuantSpec | None):
         nn.Module.__init__(self)
@@ -341,7 +348,12 @@ class QuantExperts(Experts):
         return self.expert(e, x, reference=True)
 
     def forward(self, x, weights, idx, impl: str = "grouped"):
-        return self.loop(x, weights, idx) if impl == "loop" else self.grouped(x, weights, idx)
+        if impl == "loop":
+            return self.loop(x, weights, idx)
+        fused = all(isinstance(w, QuantWeight) and w.layout == "triton" for w in (self.gate_up_proj, self.down_proj))
+        if impl == "grouped_mm" and fused:
+            return triton_moe.fused_moe(x, weights, idx, self.gate_up_proj.packed, self.down_proj.packed)
+        return self.grouped(x, weights, idx)
 
 
 class QuantEmbedding(TiedEmbedding):

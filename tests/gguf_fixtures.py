@@ -178,3 +178,15 @@ def _metadata(model: DiffusionGemma, canvas_length: int) -> dict[str, tuple[Call
         "tokenizer.ggml.padding_token_id": (u32, t.pad_token_id),
         CANVAS_KEY: (u32, canvas_length),
     }
+
+
+K_QUANT_CONFIG = {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256, "head_dim": 64}
+K_QUANT_CONFIG["global_head_dim"] = 64  # every K a multiple of 256, as K-quants need
+Q4_K_M_MIX = {"experts.down_proj": Q.Q5_0, "mlp.down_proj": Q.Q8_0, "embed_tokens": Q.Q6_K, "v_proj": Q.Q6_K}
+
+
+def q4_k_m_types(key: str) -> Q:
+    """A type mix shaped like llama.cpp's Q4_K_M: Q4_K linears and experts, Q5_0 / Q8_0 / Q6_K where it falls back,
+    F32 norms and scalars (the router too is Q4_K here, to exercise a quantized tensor dgemma keeps float)."""
+    fallback = Q.Q4_K if key.endswith(("proj", "proj.weight")) else Q.F32
+    return next((t for k, t in Q4_K_M_MIX.items() if k in key), fallback)

@@ -16,7 +16,17 @@ from dgemma.config import CheckpointError, ModelConfig
 from dgemma.gguf_import import ARCH, CANVAS_KEY, gguf_config, gguf_header, gguf_path, gguf_tensors
 from dgemma.loader import expected_tensors
 from dgemma.quantize import Packed
-from gguf_fixtures import encode, encode_q4_k, encode_q6_k, gguf_name, random_blocks, write_gguf, write_tensors
+from gguf_fixtures import (
+    K_QUANT_CONFIG,
+    encode,
+    encode_q4_k,
+    encode_q6_k,
+    gguf_name,
+    q4_k_m_types,
+    random_blocks,
+    write_gguf,
+    write_tensors,
+)
 from tiny import random_model, tiny_config
 
 PACKED = {Q.Q8_0: ("int8", 32), Q.Q5_0: ("int8", 32), Q.Q6_K: ("int8", 16), Q.Q4_0: ("int4", 32), Q.Q4_K: ("int4", 32)}
@@ -120,16 +130,8 @@ def test_missing_essential_key(tmp_path, key):
 def test_quantized_model_decodes_like_gguf(tmp_path):
     """A K-quant mix as llama.cpp's Q4_K_M writes it (K multiple of 256): every tensor decodes exactly as gguf does,
     and close to the float weight."""
-    model = random_model(
-        tiny_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64, global_head_dim=64)
-    )
-    mix = {"experts.down_proj": Q.Q5_0, "mlp.down_proj": Q.Q8_0, "embed_tokens": Q.Q6_K, "v_proj": Q.Q6_K}
-
-    def types(key: str) -> Q:
-        fallback = Q.Q4_K if key.endswith(("proj", "proj.weight")) else Q.F32
-        return next((t for k, t in mix.items() if k in key), fallback)
-
-    path = write_gguf(tmp_path / "m.gguf", model, types)
+    model = random_model(tiny_config(**K_QUANT_CONFIG))
+    path = write_gguf(tmp_path / "m.gguf", model, q4_k_m_types)
     header, state = gguf_header(path), state_of(model)
     assert {t for t, _ in header.values()} == {"Q4_K", "Q5_0", "Q8_0", "Q6_K", "F32"}
     refs = {t.name: t for t in gguf.GGUFReader(path).tensors}

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType as Q
-from gguf_fixtures import write_gguf
+from gguf_fixtures import K_QUANT_CONFIG, gguf_name, q4_k_m_types, write_gguf
 from prequant_fixtures import write_fp8, write_nvfp4
 from tiny import checkpoint_with_tokenizer, random_model, tiny_config
 
@@ -260,16 +259,8 @@ def test_prequantized_checkpoints_match_their_dequantized_twin(tmp_path, fmt):
 
 
 def test_gguf_checkpoint_matches_its_dequantized_twin(tmp_path):
-    source = random_model(
-        tiny_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64, global_head_dim=64)
-    )
-    mix = {"experts.down_proj": Q.Q5_0, "mlp.down_proj": Q.Q8_0, "embed_tokens": Q.Q6_K, "v_proj": Q.Q6_K}
-
-    def types(key: str) -> Q:
-        fallback = Q.Q4_K if key.endswith(("proj", "proj.weight")) else Q.F32
-        return next((t for k, t in mix.items() if k in key), fallback)
-
-    path = write_gguf(tmp_path / "model.gguf", source, types)
+    source = random_model(tiny_config(**K_QUANT_CONFIG))
+    path = write_gguf(tmp_path / "model.gguf", source, q4_k_m_types)
     model = load_model(tmp_path)
     assert model.layers[0].experts.gate_up_proj.layout == "int4cpu"
     assert model.layers[0].experts.down_proj.spec == QuantSpec("int8", 32)
@@ -278,7 +269,6 @@ def test_gguf_checkpoint_matches_its_dequantized_twin(tmp_path):
     reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
     twin = random_model(source.config)
     state = {}
-    from gguf_fixtures import gguf_name
 
     for key, (name, shape) in expected_tensors(twin).items():
         t = reader[gguf_name(key)]

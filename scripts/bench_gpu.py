@@ -23,30 +23,11 @@ import time
 
 import torch
 
-from dgemma.config import ModelConfig
+from dgemma.config import DIFFUSIONGEMMA_26B_TEXT, ModelConfig
 from dgemma.generate import Generation, Request, denoise_step
 from dgemma.model import DiffusionGemma, Execution
 
-REAL_TEXT = {
-    "vocab_size": 262144,
-    "hidden_size": 2816,
-    "intermediate_size": 2112,
-    "moe_intermediate_size": 704,
-    "num_experts": 128,
-    "top_k_experts": 8,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 256,
-    "global_head_dim": 512,
-    "num_global_key_value_heads": 2,
-    "sliding_window": 1024,
-    "max_position_embeddings": 262144,
-    "final_logit_softcapping": 30.0,
-    "rope_parameters": {
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-    },
-}
+REAL_TEXT = DIFFUSIONGEMMA_26B_TEXT  # spec a.2; layer_types / num_hidden_layers are set per run
 
 
 def real_config(layers: int, canvas: int) -> ModelConfig:

@@ -23,6 +23,33 @@ DEFAULT_ROPE = {
 }
 
 
+# The text config of google/diffusiongemma-26B-A4B-it (spec a.2), for benchmarks and memory projections that build
+# its shapes without the checkpoint; layer_types / num_hidden_layers are left to the caller.
+DIFFUSIONGEMMA_26B_TEXT = {
+    "vocab_size": 262144,
+    "hidden_size": 2816,
+    "intermediate_size": 2112,
+    "moe_intermediate_size": 704,
+    "num_experts": 128,
+    "top_k_experts": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    "global_head_dim": 512,
+    "num_global_key_value_heads": 2,
+    "sliding_window": 1024,
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "final_logit_softcapping": 30.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "use_bidirectional_attention": "vision",
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    },
+}
+
+
 class ConfigError(ValueError):
     """A config.json / generation_config.json value that dgemma cannot use."""
 

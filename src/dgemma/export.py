@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .config import FULL, CheckpointError, GenerationSettings, ModelConfig, read_json
 from .loader import TORCH_DTYPES, check_tensors, expected_tensors, plan_tensors, resolve_model_dir, safetensors_table
 from .model import DiffusionGemma
-from .quantize import QuantSpec, Scheme, pack, plan_scheme
+from .quantize import QuantSpec, Scheme, pack_slices, plan_scheme
 
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
@@ -222,18 +222,24 @@ def _split(layout: dict, shard_bytes: int) -> list[tuple[str, list[str]]]:
 
 
 def _produce(f, key: str, spec: QuantSpec | None, entry) -> Iterator[torch.Tensor]:
-    """The output tensors of one checkpoint tensor, in layout order (suffixes "", "_scale", "_zero")."""
+    """The bytes of one checkpoint tensor's outputs in layout order (suffixes "", "_scale", "_zero"): a float tensor
+    as it is; a quantized one's codes slice by slice as they are made (one expert, or a bounded block of rows),
+    then its scales (and zeros), which are small."""
     if spec is None:
         yield f.get_tensor(key)
         return
-    sliced = f.get_slice(key)
-    if len(entry.shape) == 2:
-        parts = [pack(sliced[:], spec)]
-    else:
-        parts = [pack(sliced[i : i + 1][0], spec) for i in range(entry.shape[0])]  # one expert at a time
-    for suffix in spec.tensors(tuple(entry.shape)):
-        tensors = [p.tensors()[suffix] for p in parts]
-        yield tensors[0] if len(entry.shape) == 2 else torch.stack(tensors)
+    sliced, layout = f.get_slice(key), spec.tensors(tuple(entry.shape))
+    pieces: dict[str, list[torch.Tensor]] = {suffix: [] for suffix in layout if suffix}
+    lead = entry.shape[0] if len(entry.shape) == 3 else 1
+    for i in range(lead):
+        w = sliced[i : i + 1][0] if len(entry.shape) == 3 else sliced[:]  # one expert at a time
+        for p in pack_slices(w, spec):
+            yield p.data
+            for suffix, t in p.tensors().items():
+                if suffix:
+                    pieces[suffix].append(t)
+    for suffix, parts in pieces.items():
+        yield torch.cat(parts).to(SAFETENSORS_DTYPES[layout[suffix][0]])
 
 
 def _write_header(f, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:

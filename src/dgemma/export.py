@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .config import FULL, CheckpointError, GenerationSettings, ModelConfig, read_json
 from .loader import TORCH_DTYPES, check_tensors, expected_tensors, plan_tensors, resolve_model_dir, safetensors_table
 from .model import DiffusionGemma
-from .quantize import QuantSpec, Scheme, pack_slices, plan_scheme
+from .quantize import PACK_ELEMENTS, QuantSpec, Scheme, pack_slices, plan_scheme
 
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
@@ -230,9 +230,12 @@ def _produce(f, key: str, spec: QuantSpec | None, entry) -> Iterator[torch.Tenso
         return
     sliced, layout = f.get_slice(key), spec.tensors(tuple(entry.shape))
     pieces: dict[str, list[torch.Tensor]] = {suffix: [] for suffix in layout if suffix}
-    lead = entry.shape[0] if len(entry.shape) == 3 else 1
-    for i in range(lead):
-        w = sliced[i : i + 1][0] if len(entry.shape) == 3 else sliced[:]  # one expert at a time
+    if len(entry.shape) == 3:  # one expert at a time
+        blocks = (sliced[i : i + 1][0] for i in range(entry.shape[0]))
+    else:  # a bounded block of rows at a time (the embedding is 1.5 GB in bf16)
+        step = max(1, PACK_ELEMENTS // entry.shape[-1])
+        blocks = (sliced[a : a + step] for a in range(0, entry.shape[0], step))
+    for w in blocks:
         for p in pack_slices(w, spec):
             yield p.data
             for suffix, t in p.tensors().items():

@@ -333,3 +333,22 @@ def test_quantized_batched_denoise_is_bitwise_solo(scheme):
         for g, ev in zip(solo, denoise_step(exact, batch)):
             alone = denoise_step(exact, [g])[0]
             assert alone[0].draft == ev[0].draft and alone[0].entropy == ev[0].entropy
+
+
+def test_quantize_in_bounded_slices_equals_whole_tensors(tmp_path, monkeypatch):
+    """`dgemma quantize` reads and packs bounded blocks of rows (and experts one at a time): with blocks of a few
+    rows the checkpoint it writes holds exactly the codes and scales of quantizing each tensor whole."""
+    import dgemma.export
+    import dgemma.quantize
+    from safetensors.torch import load_file
+
+    src = save_model(random_model(), tmp_path / "src")
+    monkeypatch.setattr(dgemma.quantize, "PACK_ELEMENTS", 200)
+    monkeypatch.setattr(dgemma.export, "PACK_ELEMENTS", 200)
+    quantize_checkpoint(src, tmp_path / "q", Scheme("int4", 32))
+    written, source = load_file(tmp_path / "q" / "model.safetensors"), load_file(src / "model.safetensors")
+    for key in ("model.decoder.embed_tokens.weight", "model.decoder.layers.1.experts.gate_up_proj"):
+        spec = QuantSpec("int8") if "embed" in key else QuantSpec("int4", 32)
+        whole = quantize_int8(source[key]) if spec.kind == "int8" else quantize_int4(source[key], 32)
+        for suffix, t in whole.tensors().items():
+            assert torch.equal(written[key + suffix], t.to(written[key + suffix].dtype)), key + suffix

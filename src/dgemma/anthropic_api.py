@@ -61,7 +61,7 @@ class Block(BaseModel):
     """Any content block; `messages` checks which fields its type needs."""
 
     model_config = STRICT
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text", "tool_use", "tool_result", "thinking", "redacted_thinking"]})
     text: str | None = None
     id: str | None = None  # tool_use
     name: str | None = None
@@ -73,7 +73,7 @@ class Block(BaseModel):
 
 class MessageIn(BaseModel):
     model_config = STRICT
-    role: str
+    role: str = Field(json_schema_extra={"enum": ["user", "assistant"]})
     content: str | list[Block]
 
 
@@ -100,7 +100,7 @@ class ThinkingIn(BaseModel):
 
 class CountTokensRequest(Extensions):
     model: str
-    messages: list[MessageIn]
+    messages: list[MessageIn] = Field(json_schema_extra=oa.NON_EMPTY)
     system: str | list[TextPart] | None = None
     tools: list[ToolIn] | None = Field(None, max_length=128)
     tool_choice: ToolChoiceIn | None = None

@@ -29,6 +29,7 @@ from .text import TextStream
 
 MAX_STOP, MAX_STOP_CHARS = 4, 256
 MAX_SEED = 2**62
+MAX_STEPS, STEPS_PER_TOKEN = 1024, 4  # denoising steps per canvas: more than 4 per token only costs forward passes
 
 
 class APIError(Exception):
@@ -164,6 +165,7 @@ class Frontend:
         self.canvas = pipeline.model.config.canvas_length
         self.context = pipeline.model.text.max_position_embeddings
         self.vocab = pipeline.model.text.vocab_size
+        self.max_steps = min(MAX_STEPS, STEPS_PER_TOKEN * self.canvas)
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
 
@@ -185,6 +187,8 @@ class Frontend:
     async def plan(self, p: Params) -> Plan:
         if p.n > self.max_n:
             raise bad(f"n must be at most {self.max_n}", "n")
+        if (p.knobs.get("steps") or 0) > self.max_steps:
+            raise bad(f"steps must be at most {self.max_steps} ({STEPS_PER_TOKEN} per canvas position)", "steps")
         stop = tuple(stop_list(p.stop))
         try:
             settings = self.pipeline.settings.override(**p.knobs)  # validates the combination (t_min < t_max)

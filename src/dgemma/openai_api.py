@@ -34,6 +34,12 @@ KNOBS = tuple(f.name for f in GenerationSettings.knobs(per_request=True))  # eac
 
 
 # --- request models ---------------------------------------------------------------------------------------------
+# Checks done in the handlers, also written into the schema (JSON Schema applies minLength to strings only and
+# minItems to arrays only, so one dict covers a string-or-list field).
+NON_EMPTY = {"minLength": 1, "minItems": 1}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
@@ -73,7 +79,7 @@ class GenerationFields(BaseModel):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] = Field(json_schema_extra=NON_EMPTY)
     suffix: str | None = None
     fill_lengths: list[int] | None = Field(None, min_length=1, max_length=16)  # dgemma: infill candidates
     response_format: dict[str, Any] | None = None
@@ -83,8 +89,8 @@ class CompletionRequest(GenerationFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: str
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"required": ["type", "text"]})
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
 
 
@@ -103,7 +109,7 @@ class ToolCallIn(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: str
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
@@ -112,7 +118,7 @@ class Message(BaseModel):
 
 
 class ChatRequest(GenerationFields):
-    messages: list[Message]
+    messages: list[Message] = Field(json_schema_extra=NON_EMPTY)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31)
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -132,6 +138,8 @@ class EditRequest(GenerationFields):
     """dgemma's inline edit: rewrite `text[start:end]` (characters) or `lines` ("A-B", 1-based, inclusive), with
     everything else fixed. `context`: text before `text` that conditions the rewrite (e.g. the prompt that
     produced it). `fill_lengths`: candidate lengths in tokens (default: around the old span's length)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["start", "end"]}, {"required": ["lines"]}]})
 
     text: str
     start: int | None = Field(None, ge=0)
@@ -227,7 +235,7 @@ def chat_prompt(fe: Frontend, body: ChatRequest) -> tuple[Callable[[], list[int]
     for i, m in enumerate(body.messages):
         param = f"messages[{i}]"
         role = {"developer": "system"}.get(m.role, m.role)
-        if role not in ("system", "user", "assistant", "tool"):
+        if m.role not in ROLES:
             raise bad(f"{param}: role must be system, developer, user, assistant or tool", param)
         content = m.content if isinstance(m.content, str) else None
         if isinstance(m.content, list):

@@ -128,7 +128,7 @@ def params(fe: Frontend, body: MessagesRequest) -> Params:
 def chat_prompt(fe: Frontend, body: CountTokensRequest) -> tuple:
     """The prompt's tokenizer thunk and the chat fields of Params, as `openai_api.chat_prompt` gives them."""
     if body.model != fe.model_id:
-        raise APIError(404, f"model: {body.model!r} is not served; GET /v1/models lists it", "model", "model_not_found")
+        raise APIError(404, "The model is not served; GET /v1/models lists it.", "model", "model_not_found")
     messages = template_messages(body)
     tools = oa.check_tools([_function(t, k) for k, t in enumerate(body.tools)]) if body.tools else None
     choice = _tool_choice(body.tool_choice)

@@ -166,6 +166,7 @@ class Frontend:
         self.context = pipeline.model.text.max_position_embeddings
         self.vocab = pipeline.model.text.vocab_size
         self.max_steps = min(MAX_STEPS, STEPS_PER_TOKEN * self.canvas)
+        self.mask_id = self.tokenizer.id_of("<mask>")
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
 
@@ -176,14 +177,20 @@ class Frontend:
         Params, for every protocol."""
 
         def prompt() -> list[int]:
-            try:
-                return self.pipeline.prompt_ids(messages=messages, tools=tools, **template)
+            try:  # the tokenizer's own call: template flags never reach Pipeline.prompt_ids' parameters
+                return self.tokenizer.apply_chat_template(messages, tools=tools, **template)
             except ConfigError as e:
                 raise bad(str(e), "messages") from None
 
         return prompt, {"parse": True, "tools": tools, "force_tool": force, "force_name": name}
 
     # --- validation ------------------------------------------------------------------------------------------
+    def no_mask(self, ids: list[int]) -> list[int]:
+        """A raw prompt (text with its special tokens parsed, or ids) may not hold the vocabulary's mask token."""
+        if self.mask_id is not None and self.mask_id in ids:
+            raise bad("the mask token is not allowed in the input", "prompt")
+        return ids
+
     async def plan(self, p: Params) -> Plan:
         if p.n > self.max_n:
             raise bad(f"n must be at most {self.max_n}", "n")

@@ -56,7 +56,7 @@ class GenerationFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=2**31)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**62)
-    n: int = Field(1, ge=1, le=2**31)
+    n: int = Field(1, ge=1)  # the cap (--max-n) is checked in Frontend.plan, so its message names it
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -76,6 +76,10 @@ class GenerationFields(BaseModel):
     sparse_sampling: int | None = Field(None, ge=0, le=1)
     chat_template: Any = None
     chat_template_kwargs: Any = None
+    top_k: Any = None  # other servers' knobs that dgemma cannot honour: refused rather than silently ignored
+    block_length: Any = None
+    remasking: Any = None
+    cfg_scale: Any = None
 
 
 class CompletionRequest(GenerationFields):
@@ -168,6 +172,9 @@ def _unsupported(body: GenerationFields) -> None:
         ("audio", lambda v: v is None, "audio output is not supported"),
         ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
         ("prediction", lambda v: v is None, "predicted outputs are not supported"),
+        ("top_k", lambda v: v in (None, 0), "the sampler has no top-k; use top_p or temperature"),
+        ("remasking", lambda v: v is None, "the remasking rule is the checkpoint's sampler (omit the field)"),
+        ("cfg_scale", lambda v: v in (None, 0, 1), "classifier-free guidance is not supported (0 or 1: off)"),
     ]
     for name, ok, why in checks:
         if name in fields and not ok(getattr(body, name, None)):
@@ -183,6 +190,8 @@ def params(
             404, "The model does not exist; GET /v1/models lists the served model.", "model", "model_not_found"
         )
     _unsupported(body)
+    if body.block_length not in (None, fe.canvas):
+        raise bad(f"block_length is the model's canvas, {fe.canvas} (omit the field)", "block_length")
     opts = body.stream_options or StreamOptions()
     return Params(
         prompt,
@@ -214,14 +223,18 @@ def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[
         if not check_text(prompt, "prompt").strip() and body.suffix is None:
             raise bad("prompt must not be empty", "prompt")
         prompt, moved = move_space(prompt) if body.suffix is not None else (prompt, False)
-        return (lambda: fe.tokenizer.encode(prompt, add_bos=True)), moved
+        return (lambda: fe.no_mask(fe.tokenizer.encode(prompt, add_bos=True))), moved
     if not prompt:
         raise bad("prompt must not be empty", "prompt")
     if any(not 0 <= i < fe.vocab for i in prompt):
         raise bad(f"prompt token ids must be in [0, {fe.vocab})", "prompt")
-    return (lambda: list(prompt)), False
+    return (lambda: fe.no_mask(list(prompt))), False
 
 
+# Set by dgemma, or parameters of the functions the flags pass through: a client may not set them.
+RESERVED_TEMPLATE_ARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "prompt", "prompt_ids", "chat"}
+)
 THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 
@@ -332,7 +345,7 @@ def template_kwargs(body: ChatRequest) -> dict:
         kwargs = {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
         raise bad("chat_template_kwargs must be an object of named values", "chat_template_kwargs")
-    reserved = kwargs.keys() & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+    reserved = {k for k in kwargs if k in RESERVED_TEMPLATE_ARGS or k.startswith("_")}
     if reserved:
         raise bad(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
     kwargs = dict(kwargs)

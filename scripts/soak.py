@@ -23,6 +23,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,7 +189,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--processes", str(args.processes)] if args.processes else []
     cmd += ["--api-key", args.api_key] if args.api_key else []
-    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    log = open(Path(tempfile.gettempdir()) / f"dgemma-soak-{port}.log", "w")  # noqa: SIM115 - the server keeps it
+    print(f"dgemma serve on port {port}, log: {log.name}", file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@ data (NUL characters allowed), each answer checked for 5xx, undocumented status 
 schema-violating bodies, and negative data that was accepted. Returns counts, not assertions, so a campaign can
 report them."""
 
+# ruff: noqa: B023
 from __future__ import annotations
 
 import collections
@@ -12,7 +13,7 @@ import time
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import HypothesisException
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -59,7 +60,7 @@ def fuzz(url: str, examples: int, *, seed: int = 0, timeout: float = 120, header
                 phases=[Phase.explicit, Phase.generate],
             )
             @given(op.as_strategy(generation_mode=mode))
-            def run(case, mode=mode, label=label, counts=counts) -> None:
+            def run(case) -> None:  # called at once, inside its own iteration (hence the file's B023 waiver)
                 response = case.call(base_url=url, session=session, timeout=timeout, headers=headers)
                 out["requests"] += 1
                 out["status"][response.status_code] += 1
@@ -73,7 +74,7 @@ def fuzz(url: str, examples: int, *, seed: int = 0, timeout: float = 120, header
 
             try:
                 run()
-            except HypothesisException as e:  # e.g. no negative data exists for an operation without inputs
+            except Unsatisfiable as e:  # no negative data exists for an operation without inputs
                 out["skipped"].append((label, mode.value, type(e).__name__))
     out["seconds"] = round(time.monotonic() - start, 1)
     out["status"] = dict(sorted(out["status"].items()))

@@ -226,7 +226,12 @@ ERRORS = {
     500: "Generation failed inside the engine (the request is dropped; the server stays up).",
     503: "The queue is full (`code: server_overloaded`, with Retry-After) or the engine is not running.",
 }
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events (stream: true)"}}}
+SSE_EVENT = {  # one server-sent event (stream: true); `data` is a JSON chunk or [DONE]
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
 
 

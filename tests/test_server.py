@@ -272,7 +272,7 @@ def wait_for(predicate, timeout=10.0):
         time.sleep(0.02)
 
 
-LONG = {"prompt": "Long", "max_tokens": 4 * CANVAS, "steps": 1024, "confidence_threshold": 1e-30}
+LONG = {"prompt": "Long", "max_tokens": 8 * CANVAS, "steps": 4 * CANVAS, "confidence_threshold": 1e-30}
 
 
 def test_stream_disconnect_drops_work(live):

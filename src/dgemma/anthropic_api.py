@@ -61,7 +61,7 @@ class Block(BaseModel):
     """Any content block; `messages` checks which fields its type needs."""
 
     model_config = STRICT
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text", "tool_use", "tool_result", "thinking", "redacted_thinking"]})
     text: str | None = None
     id: str | None = None  # tool_use
     name: str | None = None
@@ -73,7 +73,7 @@ class Block(BaseModel):
 
 class MessageIn(BaseModel):
     model_config = STRICT
-    role: str
+    role: str = Field(json_schema_extra={"enum": ["user", "assistant"]})
     content: str | list[Block]
 
 
@@ -100,7 +100,7 @@ class ThinkingIn(BaseModel):
 
 class CountTokensRequest(Extensions):
     model: str
-    messages: list[MessageIn]
+    messages: list[MessageIn] = Field(json_schema_extra=oa.NON_EMPTY)
     system: str | list[TextPart] | None = None
     tools: list[ToolIn] | None = Field(None, max_length=128)
     tool_choice: ToolChoiceIn | None = None
@@ -128,7 +128,7 @@ def params(fe: Frontend, body: MessagesRequest) -> Params:
 def chat_prompt(fe: Frontend, body: CountTokensRequest) -> tuple:
     """The prompt's tokenizer thunk and the chat fields of Params, as `openai_api.chat_prompt` gives them."""
     if body.model != fe.model_id:
-        raise APIError(404, f"model: {body.model!r} is not served; GET /v1/models lists it", "model", "model_not_found")
+        raise APIError(404, "The model is not served; GET /v1/models lists it.", "model", "model_not_found")
     messages = template_messages(body)
     tools = oa.check_tools([_function(t, k) for k, t in enumerate(body.tools)]) if body.tools else None
     choice = _tool_choice(body.tool_choice)

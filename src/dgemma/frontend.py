@@ -29,6 +29,7 @@ from .text import TextStream
 
 MAX_STOP, MAX_STOP_CHARS = 4, 256
 MAX_SEED = 2**62
+MAX_STEPS, STEPS_PER_TOKEN = 1024, 4  # denoising steps per canvas: more than 4 per token only costs forward passes
 
 
 class APIError(Exception):
@@ -164,6 +165,8 @@ class Frontend:
         self.canvas = pipeline.model.config.canvas_length
         self.context = pipeline.model.text.max_position_embeddings
         self.vocab = pipeline.model.text.vocab_size
+        self.max_steps = min(MAX_STEPS, STEPS_PER_TOKEN * self.canvas)
+        self.mask_id = self.tokenizer.id_of("<mask>")
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
 
@@ -174,17 +177,25 @@ class Frontend:
         Params, for every protocol."""
 
         def prompt() -> list[int]:
-            try:
-                return self.pipeline.prompt_ids(messages=messages, tools=tools, **template)
+            try:  # the tokenizer's own call: template flags never reach Pipeline.prompt_ids' parameters
+                return self.tokenizer.apply_chat_template(messages, tools=tools, **template)
             except ConfigError as e:
                 raise bad(str(e), "messages") from None
 
         return prompt, {"parse": True, "tools": tools, "force_tool": force, "force_name": name}
 
     # --- validation ------------------------------------------------------------------------------------------
+    def no_mask(self, ids: list[int]) -> list[int]:
+        """A raw prompt (text with its special tokens parsed, or ids) may not hold the vocabulary's mask token."""
+        if self.mask_id is not None and self.mask_id in ids:
+            raise bad("the mask token is not allowed in the input", "prompt")
+        return ids
+
     async def plan(self, p: Params) -> Plan:
         if p.n > self.max_n:
             raise bad(f"n must be at most {self.max_n}", "n")
+        if (p.knobs.get("steps") or 0) > self.max_steps:
+            raise bad(f"steps must be at most {self.max_steps} ({STEPS_PER_TOKEN} per canvas position)", "steps")
         stop = tuple(stop_list(p.stop))
         try:
             settings = self.pipeline.settings.override(**p.knobs)  # validates the combination (t_min < t_max)

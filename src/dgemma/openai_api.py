@@ -34,6 +34,12 @@ KNOBS = tuple(f.name for f in GenerationSettings.knobs(per_request=True))  # eac
 
 
 # --- request models ---------------------------------------------------------------------------------------------
+# Checks done in the handlers, also written into the schema (JSON Schema applies minLength to strings only and
+# minItems to arrays only, so one dict covers a string-or-list field).
+NON_EMPTY = {"minLength": 1, "minItems": 1}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
@@ -50,7 +56,7 @@ class GenerationFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=2**31)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**62)
-    n: int = Field(1, ge=1, le=2**31)
+    n: int = Field(1, ge=1)  # the cap (--max-n) is checked in Frontend.plan, so its message names it
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -70,10 +76,14 @@ class GenerationFields(BaseModel):
     sparse_sampling: int | None = Field(None, ge=0, le=1)
     chat_template: Any = None
     chat_template_kwargs: Any = None
+    top_k: Any = None  # other servers' knobs that dgemma cannot honour: refused rather than silently ignored
+    block_length: Any = None
+    remasking: Any = None
+    cfg_scale: Any = None
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] = Field(json_schema_extra=NON_EMPTY)
     suffix: str | None = None
     fill_lengths: list[int] | None = Field(None, min_length=1, max_length=16)  # dgemma: infill candidates
     response_format: dict[str, Any] | None = None
@@ -83,8 +93,8 @@ class CompletionRequest(GenerationFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: str
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"required": ["type", "text"]})
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
 
 
@@ -103,7 +113,7 @@ class ToolCallIn(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: str
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
@@ -112,7 +122,7 @@ class Message(BaseModel):
 
 
 class ChatRequest(GenerationFields):
-    messages: list[Message]
+    messages: list[Message] = Field(json_schema_extra=NON_EMPTY)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31)
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -132,6 +142,8 @@ class EditRequest(GenerationFields):
     """dgemma's inline edit: rewrite `text[start:end]` (characters) or `lines` ("A-B", 1-based, inclusive), with
     everything else fixed. `context`: text before `text` that conditions the rewrite (e.g. the prompt that
     produced it). `fill_lengths`: candidate lengths in tokens (default: around the old span's length)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["start", "end"]}, {"required": ["lines"]}]})
 
     text: str
     start: int | None = Field(None, ge=0)
@@ -160,6 +172,9 @@ def _unsupported(body: GenerationFields) -> None:
         ("audio", lambda v: v is None, "audio output is not supported"),
         ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
         ("prediction", lambda v: v is None, "predicted outputs are not supported"),
+        ("top_k", lambda v: v in (None, 0), "the sampler has no top-k; use top_p or temperature"),
+        ("remasking", lambda v: v is None, "the remasking rule is the checkpoint's sampler (omit the field)"),
+        ("cfg_scale", lambda v: v in (None, 0, 1), "classifier-free guidance is not supported (0 or 1: off)"),
     ]
     for name, ok, why in checks:
         if name in fields and not ok(getattr(body, name, None)):
@@ -175,6 +190,8 @@ def params(
             404, "The model does not exist; GET /v1/models lists the served model.", "model", "model_not_found"
         )
     _unsupported(body)
+    if body.block_length not in (None, fe.canvas):
+        raise bad(f"block_length is the model's canvas, {fe.canvas} (omit the field)", "block_length")
     opts = body.stream_options or StreamOptions()
     return Params(
         prompt,
@@ -206,14 +223,18 @@ def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[
         if not check_text(prompt, "prompt").strip() and body.suffix is None:
             raise bad("prompt must not be empty", "prompt")
         prompt, moved = move_space(prompt) if body.suffix is not None else (prompt, False)
-        return (lambda: fe.tokenizer.encode(prompt, add_bos=True)), moved
+        return (lambda: fe.no_mask(fe.tokenizer.encode(prompt, add_bos=True))), moved
     if not prompt:
         raise bad("prompt must not be empty", "prompt")
     if any(not 0 <= i < fe.vocab for i in prompt):
         raise bad(f"prompt token ids must be in [0, {fe.vocab})", "prompt")
-    return (lambda: list(prompt)), False
+    return (lambda: fe.no_mask(list(prompt))), False
 
 
+# Set by dgemma, or parameters of the functions the flags pass through: a client may not set them.
+RESERVED_TEMPLATE_ARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "prompt", "prompt_ids", "chat"}
+)
 THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 
@@ -227,7 +248,7 @@ def chat_prompt(fe: Frontend, body: ChatRequest) -> tuple[Callable[[], list[int]
     for i, m in enumerate(body.messages):
         param = f"messages[{i}]"
         role = {"developer": "system"}.get(m.role, m.role)
-        if role not in ("system", "user", "assistant", "tool"):
+        if m.role not in ROLES:
             raise bad(f"{param}: role must be system, developer, user, assistant or tool", param)
         content = m.content if isinstance(m.content, str) else None
         if isinstance(m.content, list):
@@ -324,7 +345,7 @@ def template_kwargs(body: ChatRequest) -> dict:
         kwargs = {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
         raise bad("chat_template_kwargs must be an object of named values", "chat_template_kwargs")
-    reserved = kwargs.keys() & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+    reserved = {k for k in kwargs if k in RESERVED_TEMPLATE_ARGS or k.startswith("_")}
     if reserved:
         raise bad(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
     kwargs = dict(kwargs)

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import anthropic_api as an
 from . import openai_api as oa
+from . import openapi
 from .asgi import MAX_BODY, Guard
 from .cache import PrefixCache
 from .engine import Engine
@@ -81,7 +82,28 @@ def create_app(
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, loopback_only=loopback_only, error_body=_body)
     _add_error_handlers(app)
     _add_routes(app, srv, api_key is not None)
+    _add_openapi(app, srv)
     return app
+
+
+def _add_openapi(app: FastAPI, srv: Frontend) -> None:
+    """/openapi.json with this server's model id and limits written in (`openapi.document`)."""
+    build = app.openapi
+
+    def document() -> dict:
+        if app.openapi_schema is None:
+            cap = min(srv.max_tokens_cap or srv.context, srv.context)
+            app.openapi_schema = openapi.document(
+                build(),
+                model_id=srv.model_id,
+                max_tokens=cap,
+                max_n=srv.max_n,
+                max_steps=srv.max_steps,
+                vocab=srv.vocab,
+            )
+        return app.openapi_schema
+
+    app.openapi = document
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -95,6 +117,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         loc = [p for p in err.get("loc", ()) if p != "body"]
         if err.get("type") == "json_invalid":
             return _error(request, APIError(400, "The request body is not valid JSON."))
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if request.method == "POST" and kind != "application/json" and not kind.endswith("+json"):
+            return _error(
+                request, APIError(415, "The Content-Type must be application/json.", code="unsupported_media_type")
+            )
         if not loc:
             return _error(request, APIError(400, "The request body must be a JSON object with the documented fields."))
         param = str(loc[0]) + (f"[{loc[1]}]" if len(loc) > 1 and isinstance(loc[1], int) else "")
@@ -113,11 +140,20 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
+    def answers(ok, **kind) -> dict:
+        return openapi.responses(ok, auth=auth, **kind)
+
+    generation = {"body": True, "model": True, "generates": True}
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics():
         return Response(prometheus(srv.engine), media_type="text/plain; version=0.0.4")
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        responses=answers(openapi.Health, public=True)
+        | {503: {"model": openapi.Health, "description": "The engine is down or stalled"}},
+    )
     async def health():
         ok = srv.engine.healthy()
         body = {
@@ -132,17 +168,17 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
     async def web_view():
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=answers(openapi.ModelList))
     async def models():
         return {"object": "list", "data": [_model_card(srv)]}
 
-    @app.get("/v1/models/{model}")
+    @app.get("/v1/models/{model}", responses=answers(openapi.ModelCard, model=True))
     async def model(model: str):
         if model != srv.model_id:
             raise APIError(404, "The model does not exist.", "model", "model_not_found")
         return _model_card(srv)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=answers(openapi.CompletionResponse, **generation))
     async def completions(body: oa.CompletionRequest, request: Request):
         prompt, moved = oa.completion_prompt(srv, body)
         p = oa.params(
@@ -150,25 +186,28 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
         )
         return await oa.respond(srv, await srv.plan(p), request, "text")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=answers(openapi.ChatCompletionResponse, **generation))
     async def chat_completions(body: oa.ChatRequest, request: Request):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         prompt, chat = oa.chat_prompt(srv, body)
         p = oa.params(srv, body, prompt, max_tokens, **chat)
         return await oa.respond(srv, await srv.plan(p), request, "chat")
 
-    @app.post("/v1/edits")
+    @app.post("/v1/edits", responses=answers(openapi.EditResponse, **generation))
     async def edits(body: oa.EditRequest, request: Request):
         """dgemma extension: rewrite a span of `text` in place (see openai_api.EditRequest)."""
         p, start, end = await run_in_threadpool(oa.edit_params, srv, body)
         return await oa.respond(srv, await srv.plan(p), request, "edit", (body.text, start, end))
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", responses=answers(openapi.MessageResponse, anthropic=True, **generation))
     async def messages(body: an.MessagesRequest, request: Request):
         """Anthropic's Messages API (see anthropic_api)."""
         return await an.respond(srv, await srv.plan(an.params(srv, body)), request)
 
-    @app.post("/v1/messages/count_tokens")
+    @app.post(
+        "/v1/messages/count_tokens",
+        responses=answers(openapi.CountTokensResponse, anthropic=True, body=True, model=True),
+    )
     async def count_tokens(body: an.CountTokensRequest):
         return await an.count_tokens(srv, body)
 

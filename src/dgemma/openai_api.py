@@ -470,9 +470,10 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
                 yield chunk(i, None, payload["finish_reason"], dgemma=payload["dgemma"])
         else:
             yield _data(APIError(500, f"Generation failed: {payload}", type="server_error").body())
-            return
-    if plan.include_usage:
-        yield _data({**head, "choices": [], "usage": fe.usage(plan, total, cached)})
+            break  # the error event, then [DONE]: clients that wait for it are not left hanging
+    else:
+        if plan.include_usage:
+            yield _data({**head, "choices": [], "usage": fe.usage(plan, total, cached)})
     yield "data: [DONE]\n\n"
 
 

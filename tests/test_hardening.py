@@ -234,3 +234,349 @@ def test_keep_alive_health_is_fast(live):
             assert c.get("/health").status_code == 200
             lat.append(time.perf_counter() - t0)
     assert statistics.median(lat) < 0.02, lat
+
+
+# --- C5 / E2: the event loop never blocks -------------------------------------------------------------------------
+def probe_health(url: str, seconds: float) -> list[float]:
+    lat, until = [], time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while time.monotonic() < until:
+            t0 = time.perf_counter()
+            c.get("/health")
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    return lat
+
+
+def test_huge_single_word_is_refused_before_tokenizing(live):
+    """C5: a 1.9 MB single word cannot fit the context (more characters than context x longest token): 400
+    context_length_exceeded at once (was: 1.5-2.4 s of tokenizing under the GIL, /health p99 2,340 ms)."""
+    body = completion("abcdefghij" * 190_000)
+    headers = {"content-type": "application/json"}
+    t0 = time.monotonic()
+    r = httpx.post(live.url + "/v1/completions", content=body, headers=headers, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert time.monotonic() - t0 < 1.0
+    chat = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "abcdefghij" * 190_000}]}).encode()
+    r = httpx.post(live.url + "/v1/chat/completions", content=chat, headers=headers, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+    stop = threading.Event()
+
+    def sender():
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            while not stop.is_set():
+                c.post("/v1/completions", content=body, headers=headers)
+
+    threads = [threading.Thread(target=sender) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        lat = probe_health(live.url, 3.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert statistics.median(lat) < 0.05 and max(lat) < 0.5, (statistics.median(lat), max(lat))
+
+
+def test_tokenizing_releases_the_gil(pipeline):
+    """Tokenizing runs in the text pool and lets the event loop run: `Tokenizer.encode` goes through
+    `encode_batch`, which releases the GIL (plain `encode` held it for the whole call)."""
+    text = "abcdefghij" * 30_000
+    ticks, done = [], threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            t0 = time.perf_counter()
+            time.sleep(0.001)
+            ticks.append(time.perf_counter() - t0)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        pipeline.tokenizer.encode(text)
+    spent = time.perf_counter() - t0
+    done.set()
+    t.join()
+    assert max(ticks) < max(0.05, spent / 6), (max(ticks), spent)
+
+
+MALICIOUS_TEMPLATES = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # loops ~forever
+    "{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}",
+    "{{ 'x' * 1000000000 }}",
+    "{{ 'a' | center(1000000000) }}",
+    "{{ 7 ** 10000000 }}",  # one C call of seconds
+    "{{ 1 / 0 }}",
+    "{{ lipsum.__globals__['os'].system('true') }}",
+    "{{ messages.append(1) }}",
+]
+
+
+@pytest.mark.parametrize("template", MALICIOUS_TEMPLATES, ids=range(len(MALICIOUS_TEMPLATES)))
+def test_malicious_chat_template_is_400_within_bounds(pipeline, template):
+    """F15 / issue 14: a template that loops, explodes or misbehaves is a 400 within the render deadline (2 s),
+    never a 500 or a thread pinned at full CPU; the server goes on."""
+    import dataclasses
+
+    from dgemma.tokenizer import Tokenizer
+
+    evil = dataclasses.replace(pipeline, tokenizer=Tokenizer(pipeline.tokenizer.tok, template))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with LiveServer(create_app(evil, model_id=MODEL, on_fatal=lambda: None), **options()) as s:
+        t0 = time.monotonic()
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - t0 < 4
+        assert threading.active_count() < 60
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 200
+
+
+# --- D, E, G: lifecycle and faults --------------------------------------------------------------------------------
+def wait_for(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def sse_frames(resp: httpx.Response) -> list[str]:
+    return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every denoise step takes at least 0.1 s (the tiny model's steps take a millisecond)."""
+    import dgemma.engine
+
+    real = dgemma.engine.denoise_step
+
+    def slow(model, gens):
+        time.sleep(0.1)
+        return real(model, gens)
+
+    monkeypatch.setattr(dgemma.engine, "denoise_step", slow)
+
+
+def test_engine_crash_fails_requests_restarts_and_heals(pipeline, monkeypatch):
+    """G2: the worker thread dies (an injected fault outside the guarded step): the stream gets an error event and
+    [DONE], /health shows the restart, the next request succeeds. A worker that keeps dying calls on_fatal (which
+    exits the process in `dgemma serve`, see test_engine_that_keeps_crashing_exits_the_process)."""
+    from dgemma.engine import MAX_RESTARTS, Engine
+
+    fatal, crashes = [], []
+    real = Engine._drop_cancelled
+
+    def faulty(self):
+        if crashes and crashes[0] > 0:
+            crashes[0] -= 1
+            raise RuntimeError("injected engine fault")
+        return real(self)
+
+    monkeypatch.setattr(Engine, "_drop_cancelled", faulty)
+    app = create_app(pipeline, model_id=MODEL, on_fatal=lambda: fatal.append(1))
+    with LiveServer(app, **options()) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        crashes.append(1)
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as resp:
+            frames = sse_frames(resp)
+        assert frames[-1] == "[DONE]" and json.loads(frames[-2])["error"]["type"] == "server_error"
+        wait_for(lambda: c.get("/health").status_code == 200, 5)
+        assert c.get("/health").json()["engine"]["restarts"] == 1
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4}).status_code == 200
+        crashes[0] = 100  # every iteration crashes now
+        for _ in range(MAX_RESTARTS + 1):
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+            assert r.status_code in (500, 503) and set(r.json()) == {"error"}
+        wait_for(lambda: fatal, 5)
+        assert c.get("/health").status_code == 503
+
+
+def serve_cmd(model_dir: Path, *flags: str, patch: str = "") -> list[str]:
+    """`dgemma serve` in a fresh interpreter, after `patch` (Python run first: the fault to inject)."""
+    args = ["serve", "--model", str(model_dir), "--port", "0", "--model-id", MODEL, "--log-level", "warning", *flags]
+    code = f"import sys\n{patch}\nfrom dgemma.cli import main\nsys.exit(main({args!r}))"
+    return [sys.executable, "-c", code]
+
+
+def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stderr.readline()
+    match = re.search(r" on (http://[^\s/]+)", line)
+    assert match, line + proc.stderr.read()
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    url = match.group(1)
+    wait_for(lambda: _healthy(url), 120)
+    return proc, url
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+CRASHING = """
+import dgemma.engine
+def _crash(self):
+    raise RuntimeError("injected engine fault")
+dgemma.engine.Engine._drop_cancelled = _crash
+"""
+
+SLOW = """
+import time, dgemma.engine
+_real = dgemma.engine.denoise_step
+def _slow(model, gens):
+    time.sleep(0.1)
+    return _real(model, gens)
+dgemma.engine.denoise_step = _slow
+"""
+
+
+def test_engine_that_keeps_crashing_exits_the_process(pipeline):
+    """G2: never a process that answers 503 forever: after MAX_RESTARTS restarts the server exits non-zero, so its
+    supervisor starts a fresh one."""
+    from dgemma.engine import MAX_RESTARTS
+
+    proc, url = start(serve_cmd(pipeline.model_dir, "--processes", "1", patch=CRASHING))
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            for _ in range(MAX_RESTARTS + 1):
+                try:
+                    r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+                    assert r.status_code in (500, 503)
+                except httpx.HTTPError:
+                    break
+        assert proc.wait(30) not in (0, None)
+    finally:
+        proc.kill()
+
+
+def test_sigterm_drains_streams_then_ends_them_with_an_error_and_done(pipeline):
+    """G3: on SIGTERM a short stream finishes normally, a long one ends at the grace period (1 s here) with an error
+    event and [DONE] (was: cut without either at uvicorn's timeout), and the process exits 0."""
+    proc, url = start(serve_cmd(pipeline.model_dir, "--processes", "1", "--shutdown-grace", "1", patch=SLOW))
+    results = {}
+
+    def run(name: str, max_tokens: int):
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": max_tokens, "stream": True, "seed": 1}
+        with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as resp:
+            results[name] = sse_frames(resp)
+
+    try:
+        threads = [threading.Thread(target=run, args=a) for a in (("short", 16), ("long", 224))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert proc.wait(30) == 0 and time.monotonic() - t0 < 8
+    finally:
+        proc.kill()
+    short, long = results["short"], results["long"]
+    assert short[-1] == "[DONE]" and json.loads(short[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert long[-1] == "[DONE]" and "shutting down" in json.loads(long[-2])["error"]["message"]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the worker processes")
+def test_sigterm_with_two_processes_leaves_no_orphans(pipeline):
+    """G3 with `--processes 2`: SIGTERM while a stream runs; the stream ends with [DONE], the parent exits 0 and no
+    worker process is left behind."""
+    proc, url = start(serve_cmd(pipeline.model_dir, "--processes", "2", "--shutdown-grace", "1"))
+    try:
+        wait_for(lambda: len(children(proc.pid)) >= 2, 60)
+        kids = children(proc.pid)
+        frames = []
+
+        def run():
+            body = {"model": MODEL, "prompt": "Once", "max_tokens": 224, "stream": True, "steps": 64}
+            with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+                frames.extend(sse_frames(r))
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert frames and frames[-1] == "[DONE]"
+    wait_for(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), 10)
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and "spawn_main" in Path(stat.parent, "cmdline").read_text():
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_non_stream_disconnect_logs_no_traceback(live, caplog):
+    """D2: a client that leaves a non-streaming request: the work is dropped and nothing is logged as an error
+    (was: an InvalidStateError traceback, twice, per disconnect)."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 224, "steps": 64}
+    caplog.set_level(logging.WARNING)
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).addHandler(caplog.handler)
+    try:
+        for _ in range(3):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(live.url + "/v1/completions", json=body, timeout=0.3)
+        wait_for(lambda: live.engine.stats()["active"] == 0, 10)
+        time.sleep(0.5)
+    finally:
+        for name in ("uvicorn.error", "asyncio"):
+            logging.getLogger(name).removeHandler(caplog.handler)
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or "InvalidStateError" in r.getMessage()]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+def test_disconnect_frees_work_before_the_next_step(pipeline, slow_steps):
+    """D1: a stream whose client leaves is gone from the batch within one denoising step."""
+    with LiveServer(create_app(pipeline, model_id=MODEL, on_fatal=lambda: None), **options()) as s:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 224, "stream": True}
+        with httpx.Client(base_url=s.url, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            next(r.iter_lines())
+            wait_for(lambda: s.engine.stats()["active"] == 1)
+            steps = s.engine.stats().get("steps", 0)
+        wait_for(lambda: s.engine.stats()["active"] == 0, 5)
+        assert s.engine.stats().get("steps", 0) - steps <= 1
+
+
+def test_overload_is_503_in_under_50_ms(pipeline, slow_steps):
+    """E1: with the batch and queue full, the next request gets 503 + Retry-After in < 50 ms; admitted ones finish."""
+    app = create_app(pipeline, model_id=MODEL, max_batch=1, max_queue=1, on_fatal=lambda: None)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 32}
+    with LiveServer(app, **options()) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        codes = []
+        threads = [
+            threading.Thread(
+                target=lambda: codes.append(httpx.post(s.url + "/v1/completions", json=body, timeout=30).status_code)
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        wait_for(lambda: s.engine.stats()["active"] == 1 and s.engine.stats()["queued"] == 1)
+        lat = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            r = c.post("/v1/completions", json=body)
+            lat.append(time.perf_counter() - t0)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        for t in threads:
+            t.join()
+        assert codes == [200, 200] and statistics.median(lat) < 0.05 and max(lat) < 0.2, lat

@@ -6,6 +6,11 @@ limits checked. `Frontend.events` runs the one text layer (`text.TextStream`) ov
 yields ("text" | "draft" | "done" | "error", choice, payload); for infills it waits for a choice's candidates and
 keeps the one `choose_infill` picks. Errors are `APIError`s with an HTTP status; the protocol modules shape them.
 Nothing here touches torch or knows a wire format.
+
+The event loop never tokenizes, renders or compiles: that work runs on a small pool (`TEXT_WORKERS` threads, TGI's
+default), each call bounded by `TEXT_TIMEOUT_S` (waiting included: a backlog gets a 503, not an ever-later answer).
+A prompt that cannot fit the context whatever its tokens (more characters than `context * max_token_chars`) is
+refused before it is tokenized, so a 2 MB single word costs microseconds, not seconds of a core.
 """
 
 from __future__ import annotations
@@ -16,8 +21,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-
-from starlette.concurrency import run_in_threadpool
+from concurrent.futures import ThreadPoolExecutor
 
 from .chat import ChatParser
 from .config import ConfigError
@@ -29,6 +33,7 @@ from .text import TextStream
 
 MAX_STOP, MAX_STOP_CHARS = 4, 256
 MAX_SEED = 2**62
+TEXT_WORKERS, TEXT_TIMEOUT_S = 2, 10.0
 
 
 class APIError(Exception):
@@ -166,6 +171,38 @@ class Frontend:
         self.vocab = pipeline.model.text.vocab_size
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
+        self._text_pool = ThreadPoolExecutor(TEXT_WORKERS, "dgemma-text")
+
+    async def offload(self, fn: Callable, *args):
+        """`fn(*args)` on the text pool, off the event loop; 503 when it has not finished in `TEXT_TIMEOUT_S`."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._text_pool.submit(fn, *args)), TEXT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(
+                503,
+                "The server is busy preparing other requests; retry shortly.",
+                None,
+                "server_overloaded",
+                "server_error",
+                {"Retry-After": "1"},
+            ) from None
+
+    def check_fits(self, chars: int, param: str = "prompt") -> None:
+        """400 before tokenizing when `chars` characters need more tokens than the context holds."""
+        least = chars // self.tokenizer.max_token_chars
+        if least > self.context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens; the {param} has {chars} characters, "
+                f"so at least {least} tokens.",
+                param,
+                "context_length_exceeded",
+            )
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """A prompt's ids (run it on the text pool), refused first when it cannot fit."""
+        self.check_fits(len(text))
+        return self.tokenizer.encode(text, add_bos=add_bos)
 
     def chat(
         self, messages: list[dict], tools: list[dict] | None, template: dict, force: bool, name: str | None
@@ -174,6 +211,7 @@ class Frontend:
         Params, for every protocol."""
 
         def prompt() -> list[int]:
+            self.check_fits(sum(len(m["content"] or "") for m in messages), "messages")
             try:
                 return self.pipeline.prompt_ids(messages=messages, tools=tools, **template)
             except ConfigError as e:
@@ -188,7 +226,7 @@ class Frontend:
         stop = tuple(stop_list(p.stop))
         try:
             settings = self.pipeline.settings.override(**p.knobs)  # validates the combination (t_min < t_max)
-            ids = await run_in_threadpool(p.prompt)
+            ids = await self.offload(p.prompt)
         except ConfigError as e:
             raise bad(str(e)) from None
         seed = p.seed if p.seed is not None else 0 if settings.temperature == 0 else secrets.randbelow(MAX_SEED)
@@ -232,7 +270,7 @@ class Frontend:
             if p.stop:
                 raise bad("stop strings cannot be combined with a forced tool call (they could cut it)", "stop")
             try:
-                out = await run_in_threadpool(
+                out = await self.offload(
                     tool_call_layout, p.tools, p.force_name, self.tokenizer, self.canvas, self.vocab, settings
                 )
             except UnsupportedSchema as e:
@@ -247,7 +285,7 @@ class Frontend:
         if p.stop:
             raise bad("stop strings cannot be combined with response_format (they could cut the JSON)", "stop")
         try:
-            out = await run_in_threadpool(
+            out = await self.offload(
                 structured_layout, p.response_format, self.tokenizer, self.canvas, self.vocab, settings
             )
         except UnsupportedSchema as e:
@@ -267,7 +305,8 @@ class Frontend:
         return out
 
     async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:
-        suffix_ids = await run_in_threadpool(self.tokenizer.encode, p.suffix, False, False)
+        self.check_fits(len(p.suffix), "suffix")
+        suffix_ids = await self.offload(self.tokenizer.encode, p.suffix, False, False)
         max_fill = p.max_tokens or min(self.canvas, self.max_tokens_cap or self.canvas)
         if self.max_tokens_cap is not None and max_fill > self.max_tokens_cap:
             raise bad(f"max_tokens must be at most {self.max_tokens_cap}", "max_tokens")

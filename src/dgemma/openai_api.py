@@ -206,7 +206,7 @@ def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[
         if not check_text(prompt, "prompt").strip() and body.suffix is None:
             raise bad("prompt must not be empty", "prompt")
         prompt, moved = move_space(prompt) if body.suffix is not None else (prompt, False)
-        return (lambda: fe.tokenizer.encode(prompt, add_bos=True)), moved
+        return (lambda: fe.encode(prompt, add_bos=True)), moved
     if not prompt:
         raise bad("prompt must not be empty", "prompt")
     if any(not 0 <= i < fe.vocab for i in prompt):

@@ -12,6 +12,7 @@ import inspect
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -140,6 +141,8 @@ def run_serve(args: argparse.Namespace) -> int:
         options = uvicorn_options(args.log_level, args.shutdown_grace)
         if args.processes == 1:
             print(f"dgemma: serving {app.state.server.model_id} on http://{host}:{port}/", file=sys.stderr)
+            # uvicorn re-raises the SIGTERM it handled once it is done; a drained shutdown is a clean exit (0)
+            signal.signal(signal.SIGTERM, lambda *_: None)
             uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
             return EXIT_FAILURE if app.state.fatal else 0
         from uvicorn.supervisors import Multiprocess

@@ -231,7 +231,7 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
     @app.post("/v1/edits")
     async def edits(body: oa.EditRequest, request: Request):
         """dgemma extension: rewrite a span of `text` in place (see openai_api.EditRequest)."""
-        p, start, end = await run_in_threadpool(oa.edit_params, srv, body)
+        p, start, end = await srv.offload(oa.edit_params, srv, body)
         return await oa.respond(srv, await srv.plan(p), request, "edit", (body.text, start, end))
 
     @app.post("/v1/messages")

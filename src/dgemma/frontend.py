@@ -172,11 +172,14 @@ class Frontend:
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
         self._text_pool = ThreadPoolExecutor(TEXT_WORKERS, "dgemma-text")
+        self._schema_pool = ThreadPoolExecutor(1, "dgemma-schema")  # slow compiles never starve tokenizing
 
-    async def offload(self, fn: Callable, *args):
-        """`fn(*args)` on the text pool, off the event loop; 503 when it has not finished in `TEXT_TIMEOUT_S`."""
+    async def offload(self, fn: Callable, *args, schema: bool = False):
+        """`fn(*args)` on the text pool (or the schema pool), off the event loop; 503 when it has not finished in
+        `TEXT_TIMEOUT_S`."""
+        pool = self._schema_pool if schema else self._text_pool
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(self._text_pool.submit(fn, *args)), TEXT_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(fn, *args)), TEXT_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise APIError(
                 503,
@@ -271,7 +274,14 @@ class Frontend:
                 raise bad("stop strings cannot be combined with a forced tool call (they could cut it)", "stop")
             try:
                 out = await self.offload(
-                    tool_call_layout, p.tools, p.force_name, self.tokenizer, self.canvas, self.vocab, settings
+                    tool_call_layout,
+                    p.tools,
+                    p.force_name,
+                    self.tokenizer,
+                    self.canvas,
+                    self.vocab,
+                    settings,
+                    schema=True,
                 )
             except UnsupportedSchema as e:
                 raise APIError(400, f"tool parameters: {e}", "tools", "unsupported_schema") from None
@@ -286,7 +296,7 @@ class Frontend:
             raise bad("stop strings cannot be combined with response_format (they could cut the JSON)", "stop")
         try:
             out = await self.offload(
-                structured_layout, p.response_format, self.tokenizer, self.canvas, self.vocab, settings
+                structured_layout, p.response_format, self.tokenizer, self.canvas, self.vocab, settings, schema=True
             )
         except UnsupportedSchema as e:
             raise APIError(400, str(e), "response_format", "unsupported_schema") from None

@@ -327,13 +327,13 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             _check_args((left, right))
         return _capped(super().call_binop(context, operator, left, right))
 
-    def call(__self, __context, __obj, *args, **kwargs):
+    def call(self, context, obj, /, *args, **kwargs):
         _check_args((*args, *kwargs.values()))
-        if getattr(__obj, "__name__", "") == "replace" and len(args) >= 2 and isinstance(__obj.__self__, str):
-            text, old, new = __obj.__self__, str(args[0]), str(args[1])
+        if getattr(obj, "__name__", "") == "replace" and len(args) >= 2 and isinstance(obj.__self__, str):
+            text, old, new = obj.__self__, str(args[0]), str(args[1])
             if len(text) + (text.count(old) + 1) * len(new) > MAX_RENDER_CHARS:
                 raise SecurityError("chat template: replace result too large")
-        return _capped(super().call(__context, __obj, *args, **kwargs))
+        return _capped(super().call(context, obj, *args, **kwargs))
 
     def from_string(self, source, *args, **kwargs):
         template = super().from_string(source, *args, **kwargs)

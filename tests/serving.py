@@ -27,15 +27,18 @@ def server_checkpoint(path: Path) -> Path:
 
 
 class LiveServer:
-    """`app` served by uvicorn on 127.0.0.1:<free port> in a daemon thread (lifespan included)."""
+    """`app` served by uvicorn on 127.0.0.1:<free port> in a daemon thread (lifespan included); `options`: more
+    uvicorn.Config keywords (e.g. `transport.uvicorn_options()`)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **options):
         self.app = app
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, **{"log_level": "warning", "timeout_graceful_shutdown": 2, **options})
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

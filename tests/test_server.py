@@ -332,8 +332,8 @@ def test_engine_failure_mid_stream_is_an_error_event(pipeline, monkeypatch):
         monkeypatch.setattr("dgemma.engine.denoise_step", failing_step)
         with c.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True}) as resp:
             frames = sse(resp)
-        assert calls and frames[-1][0] == "message" and "[DONE]" not in frames[-1][1]
-        assert json.loads(frames[-1][1])["error"]["type"] == "server_error"  # never a silently truncated stream
+        assert calls and frames[-1] == ("message", "[DONE]")  # the error event, then [DONE]
+        assert json.loads(frames[-2][1])["error"]["type"] == "server_error"  # never a silently truncated stream
         error(c.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 500)
         monkeypatch.undo()
         assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4}).status_code == 200

@@ -18,7 +18,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from starlette.concurrency import run_in_threadpool
 
 from . import openai_api as oa
 from .asgi import answer
@@ -238,7 +237,7 @@ def _tool_choice(choice: ToolChoiceIn | None) -> str | dict | None:
 
 async def count_tokens(fe: Frontend, body: CountTokensRequest) -> dict:
     prompt, _ = chat_prompt(fe, body)
-    return {"input_tokens": len(await run_in_threadpool(prompt))}
+    return {"input_tokens": len(await fe.offload(prompt))}
 
 
 # --- responses ----------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """ASGI pieces shared by every protocol: the `Guard` middleware (run before routing) and the SSE response.
 
-Guard: loopback-only `Host` headers (DNS rebinding), an optional API key (`Authorization: Bearer KEY` or Anthropic's
-`x-api-key: KEY`; constant-time compare of digests) on every route but the public ones, and a body-size limit
-enforced while reading (413); its errors take the shape `error_body(path, err)` gives (each protocol its own).
+Guard: the request head's framing (at most `MAX_HEADERS` headers in `MAX_HEADER_BYTES`: 431; exactly one `Host`, and
+not both Content-Length and Transfer-Encoding, the request-smuggling shape: 400; these close the connection, so no
+second request is read from the same bytes), loopback-only `Host` headers (DNS rebinding), an optional API key
+(`Authorization: Bearer KEY` or Anthropic's `x-api-key: KEY`; constant-time compare of digests) on every route but
+the public ones, and a body-size limit and read deadline enforced while reading (413, 408); its errors take the
+shape `error_body(path, err)` gives (each protocol its own).
 `EventStream` sends server-sent events from an async iterator and notices a client that went away even while the
 stream is idle.
 """
@@ -23,6 +26,9 @@ from .frontend import APIError
 PUBLIC_PATHS = frozenset({"/health", "/"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 MAX_BODY = 2 * 1024 * 1024
+MAX_HEADERS, MAX_HEADER_BYTES = 100, 16 * 1024
+BODY_TIMEOUT = 30.0  # seconds to read a whole body (slowloris bodies)
+CLOSE = [(b"connection", b"close")]
 
 
 class EventStream(Response):
@@ -89,18 +95,23 @@ class Guard:
         max_body: int,
         loopback_only: bool,
         error_body: Callable[[str, APIError], dict[str, Any]] = lambda path, err: err.body(),
+        body_timeout: float = BODY_TIMEOUT,
     ):
         self.app, self.max_body, self.loopback_only, self.error_body = app, max_body, loopback_only, error_body
+        self.body_timeout = body_timeout
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        raw = scope["headers"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
 
         async def reject(err: APIError, extra: list | None = None) -> None:
             await _reject(send, err, self.error_body(scope["path"], err), extra)
 
+        if (err := _framing_error(raw, headers, scope.get("http_version", "1.1"))) is not None:
+            return await reject(err, CLOSE)
         if self.loopback_only and not _loopback_host(headers.get("host", "")):
             return await reject(APIError(400, "The Host header must name a loopback address.", code="bad_host"))
         if self.key_digest is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
@@ -115,15 +126,20 @@ class Guard:
             return await self.app(scope, receive, send)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
-            return await reject(_too_large(self.max_body))
+            return await reject(_too_large(self.max_body), CLOSE)  # unread body bytes must not become a request
         body, more = bytearray(), True
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                err = APIError(408, f"The request body was not received within {self.body_timeout:g} s.")
+                return await reject(err, CLOSE)
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
             if len(body) > self.max_body:
-                return await reject(_too_large(self.max_body))
+                return await reject(_too_large(self.max_body), CLOSE)
             more = message.get("more_body", False)
         replayed = False
 
@@ -145,6 +161,20 @@ class Guard:
     def _matches(self, key: str) -> bool:
         digest = hashlib.sha256(key.strip().encode("utf-8", "surrogateescape")).digest()
         return hmac.compare_digest(digest, self.key_digest)
+
+
+def _framing_error(raw: list, headers: dict, version: str) -> APIError | None:
+    """What is wrong with the request head's framing (connection-level: the caller closes), or None."""
+    if len(raw) > MAX_HEADERS or sum(len(k) + len(v) + 4 for k, v in raw) > MAX_HEADER_BYTES:
+        return APIError(
+            431, f"Request headers exceed {MAX_HEADERS} fields or {MAX_HEADER_BYTES} bytes.", code="headers_too_large"
+        )
+    hosts = sum(k.lower() == b"host" for k, _ in raw)
+    if hosts > 1 or (hosts == 0 and version != "1.0"):  # RFC 9112 section 3.2: exactly one Host
+        return APIError(400, "A request needs exactly one Host header.", code="bad_host")
+    if "transfer-encoding" in headers and "content-length" in headers:  # RFC 9112 section 6.3: smuggling shape
+        return APIError(400, "Content-Length and Transfer-Encoding must not both be sent.", code="bad_framing")
+    return None
 
 
 def _too_large(limit: int) -> APIError:

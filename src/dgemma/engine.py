@@ -7,6 +7,12 @@ advances all active ones with one batched `denoise_step` (reading the static row
 in `batch_invariant` mode, so a seeded request gives the same tokens alone or in any batch. Each job's events (the
 Generation's own StepEvent / SettleEvent / CanvasEvent, then Finished or Failed) go back through its `deliver`
 callback (the server wraps `loop.call_soon_threadsafe`). It knows nothing about text, HTTP or asyncio.
+
+Faults: a failed prefill or denoise step fails its jobs and the worker goes on. A worker that dies anyway (a bug, a
+broken device) fails every queued and active job, then starts again with a fresh batch cache, at most
+`MAX_RESTARTS` times in `RESTART_WINDOW_S`; past that `on_fatal` runs (the server exits, so a supervisor replaces
+the process: never a process that answers 503 forever). `drain` refuses new work while the running jobs finish
+(graceful shutdown); `stop` then fails what is left.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from .model import DiffusionGemma, Execution
 
 log = logging.getLogger(__name__)
 STATIC_CAPACITY = 1024  # full-attention keys per row at first; doubled when a request needs more
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 
 
 class QueueFull(RuntimeError):
@@ -82,6 +89,7 @@ class Engine:
         max_queue: int = 64,
         workers: int = 1,
         prefix_cache: PrefixCache | None = None,
+        on_fatal: Callable[[], None] = lambda: None,
     ):
         if max_batch < 1 or max_queue < 1 or workers < 1:
             raise ValueError(f"max_batch, max_queue and workers must be >= 1, got {max_batch}, {max_queue}, {workers}")
@@ -100,8 +108,9 @@ class Engine:
         self._queue: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._cv = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
+        self._stopping = self._draining = False
+        self.on_fatal, self._crashes = on_fatal, collections.deque(maxlen=MAX_RESTARTS + 1)
+        self._thread = self._new_thread()
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
         self.counters = collections.Counter()
@@ -111,6 +120,18 @@ class Engine:
     def start(self) -> Engine:
         self._thread.start()
         return self
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
+
+    def drain(self) -> None:
+        """Refuse new work (EngineClosed, health 503); running and queued jobs go on until `stop`."""
+        with self._cv:
+            self._draining = True
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._queue and not self._active
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker; queued and active jobs get `Failed`."""
@@ -125,7 +146,7 @@ class Engine:
     def submit(self, jobs: list[Job]) -> None:
         """Queue all `jobs` or none of them (QueueFull)."""
         with self._cv:
-            if self._stopping or not self._thread.is_alive():
+            if self._stopping or self._draining or not self._thread.is_alive():
                 raise EngineClosed("the engine is not running")
             if len(self._queue) + len(jobs) > self.max_queue:
                 self.counters["rejected"] += len(jobs)
@@ -147,6 +168,7 @@ class Engine:
         busy = self.busy_since is not None
         return {
             "alive": self._thread.is_alive(),
+            "draining": self._draining,
             "active": active,
             "queued": queued,
             "max_batch": self.max_batch,
@@ -159,24 +181,55 @@ class Engine:
     def healthy(self, stall_s: float = 120.0) -> bool:
         """Worker alive and, when busy, making progress (one loop iteration within `stall_s`)."""
         stalled = self.busy_since is not None and time.monotonic() - self.heartbeat > stall_s
-        return self._thread.is_alive() and not self._stopping and not stalled
+        return self._thread.is_alive() and not self._stopping and not self._draining and not stalled
 
     # --- worker -----------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        crashed = True
         try:
             while self._iteration():
                 pass
-        except BaseException:  # never leave callers waiting on a dead worker
+            crashed = False
+        except Exception:  # never leave callers waiting on a dead worker
             log.exception("engine worker crashed")
-            raise
-        finally:
+        finally:  # also on BaseException (SystemExit, KeyboardInterrupt): those stop the engine for good
+            restart = crashed and self._may_restart()
             with self._cv:
-                self._stopping = True
                 leftover = list(self._queue) + self._active
                 self._queue.clear()
                 self._active = []
+                self._stopping = self._stopping or not restart
+            message = "the engine failed; retry" if crashed else "the server is shutting down"
             for job in leftover:
-                job.deliver(Failed("the server is shutting down"))
+                self._safe_deliver(job, Failed(message))
+            if restart:
+                self._restart()
+            elif crashed:
+                log.critical("engine worker crashed %d times in %g s; giving up", len(self._crashes), RESTART_WINDOW_S)
+                self.on_fatal()
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        self._crashes.append(now)
+        recent = [t for t in self._crashes if now - t <= RESTART_WINDOW_S]
+        return not self._stopping and len(recent) <= MAX_RESTARTS
+
+    def _restart(self) -> None:
+        """A fresh worker and batch cache (the old rows may be half written); the prefix cache only holds finished
+        prefills, so it stays."""
+        self.counters["restarts"] += 1
+        self._static, self.busy_since = None, None
+        with self._cv:
+            self._thread = self._new_thread()
+            self._thread.start()
+        log.warning("engine worker restarted (%d so far)", self.counters["restarts"])
+
+    @staticmethod
+    def _safe_deliver(job: Job, event) -> None:
+        try:
+            job.deliver(event)
+        except Exception:  # a consumer that is gone must not stop the others from hearing
+            log.exception("delivering to a job failed")
 
     def _iteration(self) -> bool:
         with self._cv:

@@ -6,6 +6,11 @@ limits checked. `Frontend.events` runs the one text layer (`text.TextStream`) ov
 yields ("text" | "draft" | "done" | "error", choice, payload); for infills it waits for a choice's candidates and
 keeps the one `choose_infill` picks. Errors are `APIError`s with an HTTP status; the protocol modules shape them.
 Nothing here touches torch or knows a wire format.
+
+The event loop never tokenizes, renders or compiles: that work runs on a small pool (`TEXT_WORKERS` threads, TGI's
+default), each call bounded by `TEXT_TIMEOUT_S` (waiting included: a backlog gets a 503, not an ever-later answer).
+A prompt that cannot fit the context whatever its tokens (more characters than `context * max_token_chars`) is
+refused before it is tokenized, so a 2 MB single word costs microseconds, not seconds of a core.
 """
 
 from __future__ import annotations
@@ -16,8 +21,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-
-from starlette.concurrency import run_in_threadpool
+from concurrent.futures import ThreadPoolExecutor
 
 from .chat import ChatParser
 from .config import ConfigError
@@ -30,6 +34,7 @@ from .text import TextStream
 MAX_STOP, MAX_STOP_CHARS = 4, 256
 MAX_SEED = 2**62
 MAX_STEPS, STEPS_PER_TOKEN = 1024, 4  # denoising steps per canvas: more than 4 per token only costs forward passes
+TEXT_WORKERS, TEXT_TIMEOUT_S = 2, 10.0
 
 
 class APIError(Exception):
@@ -169,6 +174,41 @@ class Frontend:
         self.mask_id = self.tokenizer.id_of("<mask>")
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
+        self._text_pool = ThreadPoolExecutor(TEXT_WORKERS, "dgemma-text")
+        self._schema_pool = ThreadPoolExecutor(1, "dgemma-schema")  # slow compiles never starve tokenizing
+
+    async def offload(self, fn: Callable, *args, schema: bool = False):
+        """`fn(*args)` on the text pool (or the schema pool), off the event loop; 503 when it has not finished in
+        `TEXT_TIMEOUT_S`."""
+        pool = self._schema_pool if schema else self._text_pool
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(fn, *args)), TEXT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(
+                503,
+                "The server is busy preparing other requests; retry shortly.",
+                None,
+                "server_overloaded",
+                "server_error",
+                {"Retry-After": "1"},
+            ) from None
+
+    def check_fits(self, chars: int, param: str = "prompt") -> None:
+        """400 before tokenizing when `chars` characters need more tokens than the context holds."""
+        least = chars // self.tokenizer.max_token_chars
+        if least > self.context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens; the {param} has {chars} characters, "
+                f"so at least {least} tokens.",
+                param,
+                "context_length_exceeded",
+            )
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """A prompt's ids (run it on the text pool), refused first when it cannot fit."""
+        self.check_fits(len(text))
+        return self.tokenizer.encode(text, add_bos=add_bos)
 
     def chat(
         self, messages: list[dict], tools: list[dict] | None, template: dict, force: bool, name: str | None
@@ -177,6 +217,7 @@ class Frontend:
         Params, for every protocol."""
 
         def prompt() -> list[int]:
+            self.check_fits(sum(len(str(m.get("content") or "")) for m in messages), "messages")
             try:  # the tokenizer's own call: template flags never reach Pipeline.prompt_ids' parameters
                 return self.tokenizer.apply_chat_template(messages, tools=tools, **template)
             except ConfigError as e:
@@ -199,7 +240,7 @@ class Frontend:
         stop = tuple(stop_list(p.stop))
         try:
             settings = self.pipeline.settings.override(**p.knobs)  # validates the combination (t_min < t_max)
-            ids = await run_in_threadpool(p.prompt)
+            ids = await self.offload(p.prompt)
         except ConfigError as e:
             raise bad(str(e)) from None
         seed = p.seed if p.seed is not None else 0 if settings.temperature == 0 else secrets.randbelow(MAX_SEED)
@@ -243,8 +284,15 @@ class Frontend:
             if p.stop:
                 raise bad("stop strings cannot be combined with a forced tool call (they could cut it)", "stop")
             try:
-                out = await run_in_threadpool(
-                    tool_call_layout, p.tools, p.force_name, self.tokenizer, self.canvas, self.vocab, settings
+                out = await self.offload(
+                    tool_call_layout,
+                    p.tools,
+                    p.force_name,
+                    self.tokenizer,
+                    self.canvas,
+                    self.vocab,
+                    settings,
+                    schema=True,
                 )
             except UnsupportedSchema as e:
                 raise APIError(400, f"tool parameters: {e}", "tools", "unsupported_schema") from None
@@ -258,8 +306,8 @@ class Frontend:
         if p.stop:
             raise bad("stop strings cannot be combined with response_format (they could cut the JSON)", "stop")
         try:
-            out = await run_in_threadpool(
-                structured_layout, p.response_format, self.tokenizer, self.canvas, self.vocab, settings
+            out = await self.offload(
+                structured_layout, p.response_format, self.tokenizer, self.canvas, self.vocab, settings, schema=True
             )
         except UnsupportedSchema as e:
             raise APIError(400, str(e), "response_format", "unsupported_schema") from None
@@ -278,7 +326,8 @@ class Frontend:
         return out
 
     async def _infill_plan(self, p: Params, ids: list[int], seeds: list[int], stop: tuple[str, ...]) -> Plan:
-        suffix_ids = await run_in_threadpool(self.tokenizer.encode, p.suffix, False, False)
+        self.check_fits(len(p.suffix), "suffix")
+        suffix_ids = await self.offload(self.tokenizer.encode, p.suffix, False, False)
         max_fill = p.max_tokens or min(self.canvas, self.max_tokens_cap or self.canvas)
         if self.max_tokens_cap is not None and max_fill > self.max_tokens_cap:
             raise bad(f"max_tokens must be at most {self.max_tokens_cap}", "max_tokens")

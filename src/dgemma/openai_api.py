@@ -223,7 +223,7 @@ def completion_prompt(fe: Frontend, body: CompletionRequest) -> tuple[Callable[[
         if not check_text(prompt, "prompt").strip() and body.suffix is None:
             raise bad("prompt must not be empty", "prompt")
         prompt, moved = move_space(prompt) if body.suffix is not None else (prompt, False)
-        return (lambda: fe.no_mask(fe.tokenizer.encode(prompt, add_bos=True))), moved
+        return (lambda: fe.no_mask(fe.encode(prompt, add_bos=True))), moved
     if not prompt:
         raise bad("prompt must not be empty", "prompt")
     if any(not 0 <= i < fe.vocab for i in prompt):
@@ -491,9 +491,10 @@ async def _sse(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: s
                 yield chunk(i, None, payload["finish_reason"], dgemma=payload["dgemma"])
         else:
             yield _data(APIError(500, f"Generation failed: {payload}", type="server_error").body())
-            return
-    if plan.include_usage:
-        yield _data({**head, "choices": [], "usage": fe.usage(plan, total, cached)})
+            break  # the error event, then [DONE]: clients that wait for it are not left hanging
+    else:
+        if plan.include_usage:
+            yield _data({**head, "choices": [], "usage": fe.usage(plan, total, cached)})
     yield "data: [DONE]\n\n"
 
 

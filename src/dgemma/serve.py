@@ -12,6 +12,7 @@ import inspect
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -101,6 +102,13 @@ def add_serve_parser(subparsers) -> None:
         help="empty-reply guard: re-draw a reply's first canvas when it starts with EOS, at most N times (the "
         "last one bars EOS there); 0 for reference parity",
     )
+    srv.add_argument(
+        "--shutdown-grace",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds running generations may finish before they end with an error event",
+    )
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_serve)
 
@@ -126,13 +134,17 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"WARNING: serving on {args.host} WITHOUT authentication", file=sys.stderr)
         import uvicorn
 
+        from .transport import uvicorn_options
+
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
-        options = {"log_level": args.log_level, "timeout_keep_alive": 5, "timeout_graceful_shutdown": 30}
+        options = uvicorn_options(args.log_level, args.shutdown_grace)
         if args.processes == 1:
             print(f"dgemma: serving {app.state.server.model_id} on http://{host}:{port}/", file=sys.stderr)
+            # uvicorn re-raises the SIGTERM it handled once it is done; a drained shutdown is a clean exit (0)
+            signal.signal(signal.SIGTERM, lambda *_: None)
             uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
-            return 0
+            return EXIT_FAILURE if app.state.fatal else 0
         from uvicorn.supervisors import Multiprocess
 
         from .runtime import release_memory
@@ -206,6 +218,7 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
             workers=args.workers,
             prefix_cache_bytes=args.prefix_cache_mb << 20,
             empty_redraws=args.empty_redraws,
+            grace=args.shutdown_grace,
         )
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e), EXIT_CHECKPOINT) from None

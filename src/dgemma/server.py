@@ -7,12 +7,24 @@ API key, body limit) runs before routing; `openai_api` and `anthropic_api` parse
 `frontend.Frontend` validates, builds the `Request`s, runs the text layer and talks to the engine thread. HTTP
 handlers never touch torch. Every error is OpenAI's JSON error shape (Anthropic's on `/v1/messages`,
 `anthropic_api.error_body`) with a 4xx status (5xx only for a failed generation or a full queue).
+
+Lifecycle: the engine thread starts and stops with the app's lifespan. SIGTERM (or `app.state.drain()`) starts a
+drain: new generations get 503 and `/health` 503 at once, running ones finish for up to `grace` seconds, then the
+engine stops and what is left ends with an error event (and `[DONE]`), before uvicorn's own shutdown timeout would
+cut the streams. An engine that keeps crashing (`engine.MAX_RESTARTS`) calls `on_fatal`: by default the process
+exits non-zero (SIGTERM to itself, so a supervisor, or uvicorn's for `--processes`, replaces it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,11 +37,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import anthropic_api as an
 from . import openai_api as oa
 from . import openapi
-from .asgi import MAX_BODY, Guard
+from .asgi import BODY_TIMEOUT, MAX_BODY, Guard
 from .cache import PrefixCache
 from .engine import Engine
 from .frontend import APIError, Frontend
 from .generate import Settle
+from .transport import GRACE
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +67,48 @@ def create_app(
     workers: int = 1,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     empty_redraws: int | None = None,
+    grace: float = GRACE,
+    body_timeout: float = BODY_TIMEOUT,
+    on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The FastAPI app. Its engine thread starts and stops with the app's lifespan. `prefix_cache_bytes`: the
     multi-turn prompt cache (0: off); `empty_redraws`: the default of the empty-reply guard (None: the
-    checkpoint's settings, off unless set)."""
+    checkpoint's settings, off unless set); `grace`: seconds a shutdown lets running generations finish;
+    `on_fatal`: called (on the engine thread) when the engine gave up restarting (default: exit the process)."""
     if empty_redraws is not None:
         pipeline = dataclasses.replace(pipeline, settings=pipeline.settings.override(empty_redraws=empty_redraws))
     prefix = PrefixCache(prefix_cache_bytes, pipeline.model.config.canvas_length)
-    engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue, workers=workers, prefix_cache=prefix)
+    fatal = on_fatal or (lambda: _exit_process(app))
+    engine = Engine(
+        pipeline.model,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        workers=workers,
+        prefix_cache=prefix,
+        on_fatal=lambda: fatal(),
+    )
     srv = Frontend(pipeline, engine, model_id or f"dgemma-{pipeline.model_dir.name}", max_n, max_tokens_cap, settle)
+
+    async def drain() -> None:
+        """Refuse new work, let running generations finish for up to `grace` s, then fail the rest."""
+        if engine.stats()["draining"]:
+            return
+        engine.drain()
+        deadline = time.monotonic() + grace
+        while not engine.idle() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await run_in_threadpool(engine.stop)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        yield
-        await run_in_threadpool(engine.stop)
+        loop = asyncio.get_running_loop()
+        restore = _on_sigterm(lambda: loop.call_soon_threadsafe(lambda: asyncio.ensure_future(drain())))
+        try:
+            yield
+        finally:
+            restore()
+            await run_in_threadpool(engine.stop)
 
     app = FastAPI(
         title="dgemma",
@@ -78,8 +118,15 @@ def create_app(
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.server = srv
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body, loopback_only=loopback_only, error_body=_body)
+    app.state.server, app.state.drain, app.state.fatal = srv, drain, False
+    app.add_middleware(
+        Guard,
+        api_key=api_key,
+        max_body=max_body,
+        loopback_only=loopback_only,
+        error_body=_body,
+        body_timeout=body_timeout,
+    )
     _add_error_handlers(app)
     _add_routes(app, srv, api_key is not None)
     _add_openapi(app, srv)
@@ -104,6 +151,30 @@ def _add_openapi(app: FastAPI, srv: Frontend) -> None:
         return app.openapi_schema
 
     app.openapi = document
+
+
+def _on_sigterm(hook: Callable[[], None]) -> Callable[[], None]:
+    """Run `hook` on SIGTERM before the handler already installed (uvicorn's, which starts its shutdown); returns
+    the undo. Signal handlers belong to the main thread: elsewhere (a server on a test thread) nothing is hooked."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(sig, frame):
+        hook()
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_process(app: FastAPI) -> None:
+    """The engine cannot run: shut down (streams end with an error event) and exit non-zero (`serve` reads
+    `app.state.fatal`), so a supervisor starts a fresh process."""
+    log.critical("the engine cannot recover; exiting so a supervisor can replace this process")
+    app.state.fatal = True
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -196,7 +267,7 @@ def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:
     @app.post("/v1/edits", responses=answers(openapi.EditResponse, **generation))
     async def edits(body: oa.EditRequest, request: Request):
         """dgemma extension: rewrite a span of `text` in place (see openai_api.EditRequest)."""
-        p, start, end = await run_in_threadpool(oa.edit_params, srv, body)
+        p, start, end = await srv.offload(oa.edit_params, srv, body)
         return await oa.respond(srv, await srv.plan(p), request, "edit", (body.text, start, end))
 
     @app.post("/v1/messages", responses=answers(openapi.MessageResponse, anthropic=True, **generation))

@@ -1,25 +1,32 @@
 """Tokenizer and chat template of a checkpoint directory (spec section e).
 
 `tokenizer.json` through the `tokenizers` library; the chat template from `chat_template.jinja` or
-`tokenizer_config.json`, rendered in jinja2's immutable sandbox. Message *contents* are tokenized with special-token
-parsing switched off, so a user typing `<turn|>` gets plain text, never a control id. Nothing here runs code from
-the checkpoint; nothing here touches torch.
+`tokenizer_config.json`, rendered in jinja2's immutable sandbox under a time and output bound (`RENDER_SECONDS`,
+`MAX_RENDER_CHARS`; arithmetic that would build huge values is refused), so a malicious template is a ConfigError,
+never a pinned thread. Message *contents* are tokenized with special-token parsing switched off, so a user typing
+`<turn|>` gets plain text, never a control id. Encoding goes through `encode_batch`, which releases the GIL (plain
+`encode` holds it: a 1.9 MB word stalled every other thread for seconds). Nothing here runs code from the
+checkpoint; nothing here touches torch.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
+import sys
 import threading
+import time
 from pathlib import Path
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import Tokenizer as HFTokenizer
 
 from .config import ConfigError, read_json
 
 MAX_TEMPLATE_CHARS = 200_000
+RENDER_SECONDS, MAX_RENDER_CHARS = 2.0, 1 << 20  # message contents are placeholders here: real renders are small
 ROLES = ("system", "user", "assistant", "model")
 
 
@@ -39,11 +46,12 @@ class Tokenizer:
         self.eos_id = tok.token_to_id(eos_token) if eos_token else None
         self._lock = threading.Lock()
         self._special: frozenset[int] | None = None
+        self._max_chars: int | None = None
         self._template = None
         if chat_template is not None:
             if len(chat_template) > MAX_TEMPLATE_CHARS:
                 raise ConfigError(f"chat template is larger than {MAX_TEMPLATE_CHARS} characters")
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise
             self._template = env.from_string(chat_template)
 
@@ -70,10 +78,19 @@ class Tokenizer:
         with self._lock:
             self.tok.encode_special_tokens = not parse_special
             try:
-                ids = self.tok.encode(text, add_special_tokens=False).ids
+                ids = self.tok.encode_batch([text], add_special_tokens=False)[0].ids  # releases the GIL
             finally:
                 self.tok.encode_special_tokens = False
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token spells (an added token's content included): a text of N characters needs
+        at least N / this many tokens, so a prompt that cannot fit is refused before it is tokenized."""
+        if self._max_chars is None:
+            added = [t.content for t in self.tok.get_added_tokens_decoder().values()]
+            self._max_chars = max(map(len, [*self.tok.get_vocab(with_added_tokens=False), *added]), default=1)
+        return self._max_chars
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -110,19 +127,14 @@ class Tokenizer:
         mask = _Masker(self)
         masked = [mask.message(m) for m in messages]
         masked_tools = None if tools is None else [mask.tool(t) for t in tools]
+        context = {"messages": masked, "tools": masked_tools, "add_generation_prompt": add_generation_prompt}
+        context.update(bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         try:
-            rendered = self._template.render(
-                messages=masked,
-                tools=masked_tools,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                **kwargs,
-            )
+            rendered = _render_bounded(self._template, context)
         except TemplateError as e:
-            raise ConfigError(f"chat template failed: {e}") from None
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
-            raise ConfigError(f"chat template failed: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"chat template failed: {str(e)[:200]}") from None
+        except Exception as e:  # noqa: BLE001 - the template is the checkpoint's code: any failure is the request's
+            raise ConfigError(f"chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
         ids: list[int] = []
         for k, part in enumerate(mask.pattern.split(rendered)):  # text, index, text, index, ..., text
             if k % 2 == 0:
@@ -293,3 +305,95 @@ def _token_text(value) -> str | None:
 
 def _raise(message: str):
     raise TemplateError(message)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with every value a template builds (operators `* ** + %` and `~`, calls, filters)
+    capped at `MAX_RENDER_CHARS` items, and numbers that could only build a larger one (`"x" * 10**9`,
+    `center(10**9)`, `9 ** 10**6`) refused before the call: each is a single C call no deadline could interrupt.
+    So growth stops within one step of the cap. Intercepted operators are never constant-folded at compile time,
+    so loading such a template cannot hang either."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.filters = {name: _bounded_filter(f) for name, f in self.filters.items()}
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and right > 64 and left not in (0, 1, -1):
+            raise SecurityError("chat template: exponent too large")
+        if operator == "*":
+            _check_args((left, right))
+        return _capped(super().call_binop(context, operator, left, right))
+
+    def call(self, context, obj, /, *args, **kwargs):
+        _check_args((*args, *kwargs.values()))
+        if getattr(obj, "__name__", "") == "replace" and len(args) >= 2 and isinstance(obj.__self__, str):
+            text, old, new = obj.__self__, str(args[0]), str(args[1])
+            if len(text) + (text.count(old) + 1) * len(new) > MAX_RENDER_CHARS:
+                raise SecurityError("chat template: replace result too large")
+        return _capped(super().call(context, obj, *args, **kwargs))
+
+    def from_string(self, source, *args, **kwargs):
+        template = super().from_string(source, *args, **kwargs)
+        names = template.root_render_func.__globals__  # the compiled module's: `~` calls its str_join/markup_join
+        for name in ("str_join", "markup_join"):
+            if name in names:
+                names[name] = _capped_join(names[name])
+        return template
+
+
+def _check_args(args) -> None:
+    if any(isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_RENDER_CHARS for a in args):
+        raise SecurityError(f"chat template: a number above {MAX_RENDER_CHARS} builds too large a value")
+
+
+def _capped(value):
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_RENDER_CHARS:
+        raise SecurityError(f"chat template: a value grew past {MAX_RENDER_CHARS} items")
+    return value
+
+
+def _capped_join(join):
+    return functools.wraps(join)(lambda seq: _capped(join(seq)))
+
+
+def _bounded_filter(f):
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_eval_context marks
+    def bounded(*args, **kwargs):
+        _check_args((*args[1:], *kwargs.values()))
+        return _capped(f(*args, **kwargs))
+
+    return bounded
+
+
+class _RenderLimit(Exception):
+    pass
+
+
+def _render_bounded(template, context: dict, seconds: float = RENDER_SECONDS, max_chars: int = MAX_RENDER_CHARS) -> str:
+    """`template.render(**context)` within `seconds` and `max_chars`. The deadline is checked on every line the
+    compiled template runs (a line trace on its frames only, this thread only), so a template that loops forever
+    raises instead of pinning a thread; output is streamed and counted, so an exploding one stops at the cap."""
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _RenderLimit(f"rendering took longer than {seconds:g} s")
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line(frame, event, arg) if frame.f_code.co_filename == "<template>" else None
+
+    previous, parts, size = sys.gettrace(), [], 0
+    sys.settrace(on_call)
+    try:
+        for part in template.generate(**context):
+            size += len(part)
+            if size > max_chars:
+                raise _RenderLimit(f"the rendered prompt exceeds {max_chars} characters")
+            parts.append(part)
+    finally:
+        sys.settrace(previous)
+    return "".join(parts)

@@ -26,6 +26,7 @@ from .frontend import APIError
 PUBLIC_PATHS = frozenset({"/health", "/"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 MAX_BODY = 2 * 1024 * 1024
+DRAIN_FACTOR = 8  # an oversized body is read (and discarded) up to this many times the limit before the 413
 MAX_HEADERS, MAX_HEADER_BYTES = 100, 16 * 1024
 BODY_TIMEOUT = 30.0  # seconds to read a whole body (slowloris bodies)
 CLOSE = [(b"connection", b"close")]
@@ -125,10 +126,12 @@ class Guard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = headers.get("content-length", "")
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         if declared.isdigit() and int(declared) > self.max_body:
+            if int(declared) <= DRAIN_FACTOR * self.max_body:  # let the client finish sending, then it reads the 413
+                await _drain(receive, DRAIN_FACTOR * self.max_body, deadline)
             return await reject(_too_large(self.max_body), CLOSE)  # unread body bytes must not become a request
         body, more = bytearray(), True
-        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while more:
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
@@ -138,9 +141,11 @@ class Guard:
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
-            if len(body) > self.max_body:
-                return await reject(_too_large(self.max_body), CLOSE)
             more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                if more:
+                    await _drain(receive, DRAIN_FACTOR * self.max_body, deadline)
+                return await reject(_too_large(self.max_body), CLOSE)
         replayed = False
 
         async def replay():
@@ -175,6 +180,21 @@ def _framing_error(raw: list, headers: dict, version: str) -> APIError | None:
     if "transfer-encoding" in headers and "content-length" in headers:  # RFC 9112 section 6.3: smuggling shape
         return APIError(400, "Content-Length and Transfer-Encoding must not both be sent.", code="bad_framing")
     return None
+
+
+async def _drain(receive, limit: int, deadline: float) -> None:
+    """Read and discard the rest of an oversized body (at most `limit` bytes, until `deadline`): a client still
+    uploading would otherwise see the connection reset instead of the 413 (the server answers only once the
+    upload ends, as the response cannot be read mid-send by most clients)."""
+    seen, loop = 0, asyncio.get_running_loop()
+    while seen <= limit:
+        try:
+            message = await asyncio.wait_for(receive(), deadline - loop.time())
+        except asyncio.TimeoutError:
+            return
+        seen += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 def _too_large(limit: int) -> APIError:

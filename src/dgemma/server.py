@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -119,6 +121,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server, app.state.drain, app.state.fatal = srv, drain, False
+    app.router.route_class = OffloadedJSONRoute  # before any route is added
     app.add_middleware(
         Guard,
         api_key=api_key,
@@ -208,6 +211,40 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: Request, exc: Exception):
         log.exception("unhandled error")
         return _error(request, APIError(500, "Internal server error.", type="server_error"))
+
+
+class OffloadedJSONRoute(APIRoute):
+    """Parses a JSON body on a worker thread before FastAPI validates it (FastAPI would `json.loads` a 2 MB body on
+    the event loop: 60 ms for 900k token ids), and refuses a token-id prompt longer than the context before the
+    validation walks every id on the loop (235 ms for 900k ids). Bodies that are not JSON reach FastAPI unchanged,
+    so its errors (400 here) stay as they are."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            body = await request.body()
+            if body and request.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    request._json = await run_in_threadpool(json.loads, body)  # Request.json() returns it
+                except ValueError:
+                    pass
+                else:
+                    _refuse_long_id_prompt(request._json, request.app.state.server.context)
+            return await handler(request)
+
+        return route
+
+
+def _refuse_long_id_prompt(body, context: int) -> None:
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if isinstance(prompt, list) and len(prompt) > context:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens; the prompt has {len(prompt)} token ids.",
+            "prompt",
+            "context_length_exceeded",
+        )
 
 
 def _add_routes(app: FastAPI, srv: Frontend, auth: bool) -> None:

@@ -723,3 +723,17 @@ def test_huge_multiple_of_is_refused_before_building(bundled):
         compile_response_format(
             _rf({"type": "integer", "multipleOf": 999983, "minimum": 0, "maximum": 1e29}), bundled, 32, 1
         )
+
+
+def test_huge_schema_is_refused_before_any_walk():
+    """A schema with more JSON values than any template could hold is refused by a bounded count, before the
+    metaschema check or the compiler (38,000 properties took over 10 s to compile only to be refused)."""
+    import time
+
+    from dgemma.structured import MAX_SCHEMA_NODES, UnsupportedSchema, compile_response_format
+
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(38_000)}}
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedSchema, match=f"more than {MAX_SCHEMA_NODES} JSON values"):
+        compile_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, None, 32, 1)
+    assert time.perf_counter() - start < 2.0

@@ -50,6 +50,7 @@ JSON_OBJECT_TOKENS = 256  # the free object of {"type": "json_object"}, capped a
 MAX_TOKEN_BYTES = 64  # longer tokens are simply never allowed in a slot
 MAX_POSITIONS = 4096  # template length cap (all canvases together)
 MAX_DEPTH = 32
+MAX_SCHEMA_NODES = 4 * MAX_POSITIONS  # more JSON values than this cannot fit a MAX_POSITIONS template: refused unread
 MAX_ENUM_VALUES, MAX_ENUM_BYTES = 256, 4096
 MAX_LENGTH, MAX_MIN_LENGTH = 256, 64  # string length caps: a larger maxLength is lowered to this (still valid)
 NUMBER_FRACTION_DIGITS = 6  # bounded numbers are fixed-point decimals with at most this many fraction digits
@@ -1613,6 +1614,22 @@ def _schema_of(response_format):
     return spec["schema"]
 
 
+def _check_size(schema) -> None:
+    """Refuse a schema of more than MAX_SCHEMA_NODES JSON values before any validator or compiler walks it (a
+    38,000-property schema took over 10 s to compile only to exceed MAX_POSITIONS): one bounded iterative walk."""
+    stack, seen = [schema], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_SCHEMA_NODES:
+            raise _refuse(f"schemas of more than {MAX_SCHEMA_NODES} JSON values are not supported", "$")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+            seen += len(node)  # the keys
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def _check_against_metaschema(schema) -> None:
     """A schema its own validator calls invalid (`"minimum": null`, `"additionalProperties": 5`, ...) is a malformed
     request, caught here before any keyword is read. The draft is the one `$schema` names; without one, a schema
@@ -1620,6 +1637,7 @@ def _check_against_metaschema(schema) -> None:
     from jsonschema.exceptions import SchemaError
     from jsonschema.validators import Draft4Validator, Draft7Validator, Draft202012Validator, validator_for
 
+    _check_size(schema)
     named = isinstance(schema, dict) and "$schema" in schema
     drafts = [validator_for(schema)] if named else [Draft202012Validator, Draft7Validator, Draft4Validator]
     first = None

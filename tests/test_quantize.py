@@ -352,3 +352,62 @@ def test_quantize_in_bounded_slices_equals_whole_tensors(tmp_path, monkeypatch):
         whole = quantize_int8(source[key]) if spec.kind == "int8" else quantize_int4(source[key], 32)
         for suffix, t in whole.tensors().items():
             assert torch.equal(written[key + suffix], t.to(written[key + suffix].dtype)), key + suffix
+
+
+def test_model_nbytes_counts_quantized_weights():
+    """`state_dict` misses the kernels' (non-persistent) buffers and packed layouts; serving sizes processes by it."""
+    from dgemma.quantize import model_nbytes
+
+    model = quantize_model(random_model(), Scheme("int4", 32))
+    quant = sum(m.nbytes for m in model.modules() if isinstance(m, QuantWeight))
+    assert quant > 0 and model_nbytes(model) >= quant + sum(p.nbytes for p in model.parameters())
+    assert model_nbytes(model) > 2 * sum(t.nbytes for t in model.state_dict().values())
+
+
+def test_cast_linear_matches_the_dequantized_weight(monkeypatch):
+    """The CUDA int8 path (codes cast a block of rows at a time) is device-agnostic math: checked here on CPU."""
+    import dgemma.quantize as q
+
+    monkeypatch.setattr(q, "CAST_ROWS", 24)  # several blocks, one partial
+    p = quantize_int8(torch.randn(100, 64))
+    x = torch.randn(5, 64)
+    assert torch.allclose(q._cast_linear(x, p.data, p.scale[:, 0]), F.linear(x, p.dequantize()), atol=1e-5)
+
+
+def test_fp8_per_tensor_scalar_scale_loads(tmp_path, monkeypatch):
+    import prequant_fixtures
+
+    rtn = prequant_fixtures.fp8_rtn
+
+    def scalar_scale(w):
+        out = rtn(w)
+        s = out["weight_scale"].float().max()
+        return {"weight": (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), "weight_scale": s.reshape(())}
+
+    monkeypatch.setattr(prequant_fixtures, "fp8_rtn", scalar_scale)
+    path = write_fp8(tmp_path / "fp8", random_model(tiny_config(), seed=3))
+    model = load_model(path, dtype=torch.float32)
+    assert model.layers[0].experts.gate_up_proj.spec == QuantSpec("fp8")
+    assert torch.isfinite(logits_of(model)).all()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t, k: {k: t[k].reshape(-1)}, "needs >= 2 dims"),  # 1-D codes
+        (lambda t, k: {k + "_scale": torch.tensor(1.0)}, "needs >= 2 dims"),  # 0-D scale
+        (lambda t, k: {k + "_scale": t[k + "_scale"].to(torch.int8)}, "_scale: I8"),
+        (lambda t, k: {k + "_zero": t[k + "_zero"].float().to(torch.float8_e4m3fn)}, "_zero: F8_E4M3"),
+        (lambda t, k: {k + "_global": torch.ones(3)}, "_global: not part of a int4"),
+    ],
+)
+def test_malformed_quantized_layout_is_a_checkpoint_error(tmp_path, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    src = save_model(random_model(), tmp_path / "src")
+    quantize_checkpoint(src, tmp_path / "q", Scheme("int4", 32))
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    key = "model.decoder.layers.0.self_attn.q_proj.weight"
+    save_file({**tensors, **edit(tensors, key)}, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "q")

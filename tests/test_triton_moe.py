@@ -55,3 +55,10 @@ def test_fused_moe_matches_the_dequantized_twin(group):
     out = triton_moe.fused_moe(x.to(DEVICE), weights.to(DEVICE), idx.to(DEVICE), to(gu), to(dn))
     tol = 1e-5 if DEVICE == "cpu" else 2e-2  # fp32 under the interpreter; bf16 MMA on a GPU
     assert ((out.cpu().float() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_fused_moe_with_no_tokens():
+    gu = quantize_int4(torch.randn(2, 32, 64) * 0.05, 32)
+    dn = quantize_int4(torch.randn(2, 64, 16) * 0.05, 16)
+    out = triton_moe.fused_moe(torch.zeros(0, 64), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), gu, dn)
+    assert out.shape == (0, 64)

@@ -228,7 +228,7 @@ def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, 
             if kind == "float":
                 out[key] = Entry(tuple(shape), sources, dtype=found[sources[0]][0], fmt=fmt)
             else:
-                groups = next(found[s][1][-1] for s in sources if s.endswith("weight_scale"))
+                groups = next((found[s][1] or [1])[-1] for s in sources if s.endswith("weight_scale"))  # [] = 1
                 out[key] = Entry(tuple(shape), sources, spec=_spec(kind, shape[-1], groups), fmt=fmt)
         return out
     out = {}
@@ -239,21 +239,43 @@ def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, 
         if key + "_scale" not in found:
             out[key] = Entry(tuple(shape), [key], dtype=dtype)
             continue
-        kind = {"I8": "int8", "F8_E4M3": "fp8"}.get(dtype) or ("int4" if key + "_zero" in found else "nvfp4")
-        if dtype not in ("I8", "F8_E4M3", "U8"):
-            raise CheckpointError(f"{key}: quantized weight of dtype {dtype}; expected I8, U8 or F8_E4M3")
-        logical = (*shape[:-1], shape[-1] * (2 if dtype == "U8" else 1))
-        sources = [key] + [key + x for x in PACKED_SUFFIXES if key + x in found]
-        spec = _spec(kind, logical[-1], found[key + "_scale"][1][-1])
-        for suffix, (want_dtype, want_shape) in spec.tensors(logical).items():
-            got = found.get(key + suffix)
-            if got is None or tuple(got[1]) != want_shape or (suffix == "" and got[0] != want_dtype):
-                raise CheckpointError(
-                    f"{key + suffix}: {got[0] + ' ' + str(list(got[1])) if got else 'missing'}, but a {kind} "
-                    f"weight {list(logical)} needs {want_dtype} {list(want_shape)}"
-                )
-        out[key] = Entry(logical, sources, spec=spec)
+        out[key] = _native_entry(key, dtype, shape, found)
     return out
+
+
+SCALE_DTYPES = ("F32", "BF16", "F16")
+
+
+def _native_entry(key: str, dtype: str, shape: list, found: dict) -> Entry:
+    """A weight in dgemma's own quantized layout (`quantize.QuantSpec.tensors`): the codes' dtype says the kind
+    (U8 with a `_zero`: int4; U8 with a `_global`: nvfp4), the scale's last dim the group; then every companion
+    tensor's dtype and shape are checked, and none may be left over."""
+    scale = found[key + "_scale"]
+    if len(shape) < 2 or len(scale[1]) != len(shape):
+        raise CheckpointError(f"{key}: a quantized weight needs >= 2 dims and a scale of as many ({shape}, {scale[1]})")
+    kinds = {"I8": "int8", "F8_E4M3": "fp8", "U8": "int4" if key + "_zero" in found else "nvfp4"}
+    if dtype not in kinds:
+        raise CheckpointError(f"{key}: quantized weight of dtype {dtype}; expected I8, U8 or F8_E4M3")
+    kind = kinds[dtype]
+    logical = (*shape[:-1], shape[-1] * (2 if dtype == "U8" else 1))
+    spec = _spec(kind, logical[-1], scale[1][-1])
+    layout = spec.tensors(logical)
+    for suffix, (want_dtype, want_shape) in layout.items():
+        got = found.get(key + suffix)
+        dtype_ok = got is not None and (got[0] == want_dtype if suffix == "" else got[0] in _scale_dtypes(want_dtype))
+        if not dtype_ok or tuple(got[1]) != want_shape:
+            have = f"{got[0]} {list(got[1])}" if got else "missing"
+            raise CheckpointError(
+                f"{key + suffix}: {have}, but a {kind} weight {list(logical)} needs {want_dtype} {list(want_shape)}"
+            )
+    extra = [key + x for x in PACKED_SUFFIXES if key + x in found and x not in layout]
+    if extra:
+        raise CheckpointError(f"{extra[0]}: not part of a {kind} weight's layout")
+    return Entry(logical, [key + x for x in layout], spec=spec)
+
+
+def _scale_dtypes(want: str) -> tuple[str, ...]:
+    return SCALE_DTYPES if want in SCALE_DTYPES else (want,)  # float scales in any float dtype; fp8 ones exactly
 
 
 def _spec(kind: str, k: int, groups: int) -> QuantSpec:

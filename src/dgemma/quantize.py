@@ -74,18 +74,23 @@ class Packed:
         return self.data
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight [..., N, K], computed in fp32 then cast (the twin every kernel is tested against)."""
-        g = self.group_size
+        """The float weight [..., N, K], computed in fp32 then cast (the twin every kernel is tested against).
+        Scales broadcast over their groups ([..., N, K/g, g]): no [..., N, K] copy of them is made."""
+        groups = self.scale.shape[-1]
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:
+            return t.float()[..., None]  # [..., N, K/g, 1]
+
         if self.kind == "int4":
-            q = self.codes().float() - 8.0
-            w = q * self.scale.float().repeat_interleave(g, -1) + self.zero.float().repeat_interleave(g, -1)
+            q = self.codes().unflatten(-1, (groups, -1)).float() - 8.0  # [..., N, K/g, g]
+            w = q * grouped(self.scale) + grouped(self.zero)
         elif self.kind == "nvfp4":
             lut = torch.tensor(E2M1, dtype=torch.float32, device=self.data.device)
-            s = self.scale.float().repeat_interleave(g, -1) * self.global_scale.float()[..., None]
-            w = lut[self.codes().long()] * s
+            q = lut[self.codes().long()].unflatten(-1, (groups, -1))
+            w = q * (grouped(self.scale) * self.global_scale.float()[..., None, None])
         else:
-            w = self.data.float() * self.scale.float().repeat_interleave(g, -1)
-        return w.to(dtype)
+            w = self.data.float().unflatten(-1, (groups, -1)) * grouped(self.scale)
+        return w.flatten(-2).to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The on-disk tensors by suffix: "" (the codes), "_scale", and "_zero" / "_global" where the kind has one."""
@@ -223,6 +228,17 @@ def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     return out.copy_(t)
 
 
+CAST_ROWS = 8192  # int8cast: weight rows cast to the activation dtype at a time (the LM head has 262,144)
+
+
+def _cast_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (q [N, K] * s [N])^T with the codes cast a block of rows at a time, into one output."""
+    out = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
+    for a in range(0, q.shape[0], CAST_ROWS):
+        out[:, a : a + CAST_ROWS] = F.linear(x, q[a : a + CAST_ROWS].to(x.dtype)) * s[a : a + CAST_ROWS].to(x.dtype)
+    return out
+
+
 def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
 
@@ -250,11 +266,13 @@ class QuantWeight(nn.Module):
             None if p.global_scale is None else p.global_scale.to(device, torch.float32),
         )
         int4 = _int4_kernel(device, self.shape, p.group_size) if p.kind == "int4" and self.kernels else None
-        if p.kind == "int4" and len(self.shape) == 3 and device.type == "cuda" and triton_moe.available():
+        if p.kind == "int4" and len(self.shape) == 3 and triton_moe.supports(device, p.group_size):
             bf16 = lambda t: t.to(torch.bfloat16).contiguous()
             self.layout, self.packed = "triton", Packed("int4", p.data.contiguous(), bf16(p.scale), bf16(p.zero))
         elif p.kind == "int8" and p.group_size == self.shape[-1]:
-            self.layout = "int8pack"
+            # CUDA's int8pack kernel is one thread per output (no tiling, 32-bit indices): there the codes are cast
+            # a block of rows at a time for cuBLAS, and the per-row scale applied to the product
+            self.layout = "int8pack" if device.type == "cpu" else "int8cast"
             self.register_buffer("q", _aligned(p.data), persistent=False)
             self.register_buffer("s", p.scale[..., 0].contiguous(), persistent=False)  # fp32, cast per call
         elif int4 is not None:
@@ -284,6 +302,8 @@ class QuantWeight(nn.Module):
         if self.layout in ("packed", "triton"):
             return F.linear(x, self.dequantize(e, x.dtype))
         q = self.q if e is None else self.q[e]
+        if self.layout == "int8cast":
+            return _cast_linear(x, q, self.s if e is None else self.s[e])
         xk = x.to(KERNEL_DTYPE)
         if self.layout == "int8pack":
             s = (self.s if e is None else self.s[e]).to(KERNEL_DTYPE)
@@ -299,7 +319,7 @@ class QuantWeight(nn.Module):
         dtype = dtype or self.dtype
         if self.layout in ("packed", "triton"):
             return (self.packed if e is None else select(self.packed, e)).dequantize(dtype)
-        if self.layout == "int8pack":
+        if self.layout in ("int8pack", "int8cast"):
             q, s = (self.q, self.s) if e is None else (self.q[e], self.s[e])
             return (q.float() * s.float()[:, None]).to(dtype)
         eye = torch.eye(self.shape[-1], dtype=KERNEL_DTYPE, device=self.q.device)
@@ -374,7 +394,7 @@ class QuantEmbedding(TiedEmbedding):
 
     def rows(self, index) -> torch.Tensor:
         w = self.weight
-        if w.layout == "int8pack":
+        if w.layout in ("int8pack", "int8cast"):
             return w.q[index].to(w.dtype) * w.s[index][..., None].to(w.dtype)
         return select(w.packed, index).dequantize(w.dtype)
 
@@ -383,18 +403,17 @@ class QuantEmbedding(TiedEmbedding):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         w, h = self.weight, hidden.shape[-1]
-        if w.layout == "int8pack":
+        if w.layout in ("int8pack", "int8cast"):
             return self.weight.matmul(hidden.reshape(-1, h)).view(*hidden.shape[:-1], -1)
         chunks = range(0, w.shape[0], self.CHUNK)
         return torch.cat([F.linear(hidden, self.rows(slice(a, a + self.CHUNK))) for a in chunks], -1)  # [..., V]
 
     def mix(self, rows: torch.Tensor) -> torch.Tensor:
         v = self.weight.shape[0]
-        out = None
+        out = torch.zeros(rows.shape[0], self.weight.shape[1], dtype=torch.float32, device=rows.device)
         for a in range(0, v, self.CHUNK):
-            part = torch.matmul(rows[:, a : a + self.CHUNK], self.rows(slice(a, a + self.CHUNK)))  # [N, H]
-            out = part if out is None else out.add_(part)
-        return out
+            out += torch.matmul(rows[:, a : a + self.CHUNK], self.rows(slice(a, a + self.CHUNK))).float()  # [N, H]
+        return out.to(rows.dtype)  # partial sums kept in fp32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,6 +453,15 @@ class Scheme:
     def config(self) -> dict:
         """The `quantization_config` entry of config.json."""
         return {"quant_method": "dgemma", "bits": self.bits, "group_size": self.group_size, "embedding": self.embedding}
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of a model's weights, quantized ones in their kernels' layout (`state_dict` misses those: their
+    buffers are not persistent and a packed layout's tensors are not buffers)."""
+    quant = [m for m in model.modules() if isinstance(m, QuantWeight)]
+    inside = {id(b) for m in quant for b in m.buffers()}
+    floats = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in inside]
+    return sum(m.nbytes for m in quant) + sum(t.nbytes for t in floats)
 
 
 def quant_target(module: nn.Module, name: str) -> str | None:

@@ -174,7 +174,9 @@ def default_processes(pipeline) -> int:
     model = pipeline.model
     if model.device.type != "cpu":
         return 1
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    from .quantize import model_nbytes
+
+    weights = model_nbytes(model)  # quantized weights too (state_dict misses their kernel buffers)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

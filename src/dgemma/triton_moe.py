@@ -41,6 +41,14 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def supports(device: torch.device, group: int) -> bool:
+    """Whether the fused kernel runs int4 experts of this group size here: CUDA sm80+ (bf16 MMA), a power-of-two
+    group from 16 to 256 (the K tile is min(64, group) and must be a power of two >= 16)."""
+    if device.type != "cuda" or group not in (16, 32, 64, 128, 256) or not available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def align(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """idx [N, K] expert ids -> (rows [R] int32: assignment index t*K + slot, or N*K for padding;
     block_expert [R / block_m] int32: each block's expert, -1 past the last used block). R is a static bound."""
@@ -147,6 +155,8 @@ def int4_grouped_gemm(x, w: Packed, rows, block_expert, total: int, gather_div: 
 def fused_moe(x, weights, idx, gate_up: Packed, down: Packed, block_m: int = 16) -> torch.Tensor:
     """The routed experts for tokens x [N, H] (weights, idx [N, K]) on int4 `Packed` weights, sync-free."""
     n, k = idx.shape
+    if n == 0:
+        return torch.zeros_like(x)
     rows, block_expert = align(idx, gate_up.shape[0], block_m)
     h = int4_grouped_gemm(x, gate_up, rows, block_expert, n * k, k, block_m)  # [N*K, 2I]
     gate, up = h.chunk(2, dim=-1)

@@ -57,3 +57,16 @@ class LiveServer:
     @property
     def engine(self):
         return self.app.state.server.engine
+
+
+def children(pid: int, marker: str | None = None) -> list[int]:
+    """Live child processes of `pid` (from /proc), those whose command line holds `marker` if given."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and (marker is None or marker in Path(stat.parent, "cmdline").read_text()):
+                kids.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return kids

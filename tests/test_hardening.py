@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving import LiveServer, server_checkpoint
+from serving import LiveServer, children, server_checkpoint
 
 from dgemma.generate import Pipeline
 from dgemma.server import create_app
@@ -491,8 +491,8 @@ def test_sigterm_with_two_processes_leaves_no_orphans(pipeline):
     worker process is left behind."""
     proc, url = start(serve_cmd(pipeline.model_dir, "--processes", "2", "--shutdown-grace", "1"))
     try:
-        wait_for(lambda: len(children(proc.pid)) >= 2, 60)
-        kids = children(proc.pid)
+        wait_for(lambda: len(children(proc.pid, "spawn_main")) >= 2, 60)
+        kids = children(proc.pid, "spawn_main")
         frames = []
 
         def run():
@@ -510,18 +510,6 @@ def test_sigterm_with_two_processes_leaves_no_orphans(pipeline):
         proc.kill()
     assert frames and frames[-1] == "[DONE]"
     wait_for(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), 10)
-
-
-def children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and "spawn_main" in Path(stat.parent, "cmdline").read_text():
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def test_non_stream_disconnect_logs_no_traceback(live, caplog):

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serving import CANVAS, LiveServer, server_checkpoint
+from serving import CANVAS, LiveServer, children, server_checkpoint
 
 from dgemma.cli import main
 from dgemma.generate import Pipeline
@@ -565,18 +565,6 @@ def test_serve_reports_busy_port(live, capsys, tmp_path):
     assert err.startswith("error: cannot listen") and "Traceback" not in err
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to count the server's processes")
 def test_serve_processes_share_one_port_with_identical_results(pipeline):
     """`dgemma serve --processes 2`: two spawned server processes on one socket; seeded results are those of a
@@ -604,7 +592,7 @@ def test_serve_processes_share_one_port_with_identical_results(pipeline):
         url = re.search(r" on (http://[^\s/]+)", line).group(1)
         threading.Thread(target=proc.stderr.read, daemon=True).start()
         wait_for(lambda: _healthy(url), timeout=120)
-        wait_for(lambda: len([k for k in _children(proc.pid) if _is_python(k)]) >= 2, timeout=60)
+        wait_for(lambda: len([k for k in children(proc.pid) if _is_python(k)]) >= 2, timeout=60)
         reqs = [(f"Prompt {i} " * (i + 1), 40 + i, 16 * (1 + i % 2)) for i in range(6)]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 

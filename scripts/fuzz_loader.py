@@ -877,11 +877,14 @@ def fuzz(
     with tempfile.TemporaryDirectory(prefix="dgemma-fuzz-") as tmp:
         root = Path(work or tmp)
         bases = build_bases(root / "bases", formats)
-        campaign = Campaign(bases, seed, start, timeout, mem_mb, root / "scratch")
+        scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))  # runs may share `work`, never scratch
+        campaign = Campaign(bases, seed, start, timeout, mem_mb, scratch)
         limit = None if cases is None else start + cases
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
-        campaign.run(jobs, limit, deadline)
-        shutil.rmtree(root / "scratch", ignore_errors=True)
+        try:
+            campaign.run(jobs, limit, deadline)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return campaign.report()
 
 
@@ -891,7 +894,7 @@ def replay(spec: str, work: Path | None, timeout: float, mem_mb: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dgemma-fuzz-") as tmp:
         root = Path(work or tmp)
         base = build_bases(root / "bases", (fmt,))[fmt]
-        dst = root / "replay" / "model"
+        dst = Path(tempfile.mkdtemp(prefix="replay-", dir=root)) / "model"
         desc = make_case(fmt, base, dst, int(seed), int(index))
         w = Worker(mem_mb)
         try:

@@ -40,6 +40,7 @@ copied while it is decoded.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from .config import FULL, SLIDING, CheckpointError
+from .config import FULL, SLIDING, CheckpointError, check_file
 from .quantize import Packed, QuantSpec, pack_nibbles
 
 log = logging.getLogger(__name__)
@@ -263,12 +264,15 @@ DECODERS = {Q.Q8_0: _q8_0, Q.Q5_0: _q5_0, Q.Q4_0: _q4_0, Q.Q6_K: _q6_k, Q.Q4_K: 
 def _open(path: Path) -> gguf.GGUFReader:
     """Memory-map and parse a GGUF file; anything malformed becomes a CheckpointError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"GGUF file {path} does not exist")
+    check_file(path)  # a regular file inside its directory
     try:
         reader = gguf.GGUFReader(path)
     except READER_ERRORS as e:
         raise CheckpointError(f"{path.name}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+    except OSError as e:  # the memory map itself failed
+        raise CheckpointError(f"{path.name}: cannot be mapped: {e.strerror or e}") from None
     arch = _Meta(reader, path).get("general.architecture")
     if arch != ARCH:
         raise CheckpointError(f"{path.name}: GGUF architecture {arch!r} is not DiffusionGemma (expected {ARCH!r})")

@@ -269,7 +269,10 @@ class Entry:
 
 def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, list, Path]]) -> dict[str, Entry]:
     """checkpoint key -> Entry, for dgemma's float and quantized layouts and the pre-quantized NVFP4/FP8 ones."""
-    method = (raw_config.get("quantization_config") or {}).get("quant_method")
+    qc = raw_config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError("config.json quantization_config must be a JSON object")
+    method = (qc or {}).get("quant_method")
     fmt = None if method == "dgemma" else prequant.detect(model_dir, raw_config)
     if fmt is not None:
         out = {}

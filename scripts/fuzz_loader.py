@@ -220,9 +220,7 @@ TEMPLATES = [
     "{{ messages[99]['content'] }}",
     "{% extends 'base.html' %}",
     "{% include '/etc/passwd' %}",
-    "{{ range(10**9) | list | length }}",
     "{{ messages | map(attribute='x') | join }}",
-    "{{ bos_token * 10**6 }}",
     "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
     "{{ 'a' ~ messages }}",
     "{% set x = namespace() %}{{ x.y.z }}",
@@ -231,6 +229,9 @@ TEMPLATES = [
     "{{ (messages | first).role.upper().encode() }}",
     "",
 ]
+# Templates whose *rendering* is unbounded (a range past the sandbox's cap, megabytes of output to tokenize): the
+# render-time bounds are issue 14 part 5, not the loader's; `--render-templates` adds them to the mutations.
+RENDER_TEMPLATES = ["{{ range(10**9) | list | length }}", "{{ bos_token * 10**6 }}"]
 DEVICES = ("/dev/zero", "/dev/null", "/dev/urandom", "/etc/passwd", "/proc/self/mem")
 
 
@@ -462,7 +463,7 @@ def m_filesystem(case: Case) -> str | None:
     if kind == "outside":
         path.symlink_to(case.base / name)
     elif kind == "relative_out":
-        path.symlink_to(Path("..") / ".." / case.base.name / name)
+        path.symlink_to(os.path.relpath(case.base / name, case.dir))
     elif kind == "dangling":
         path.symlink_to(case.dir / "nowhere")
     elif kind == "loop":
@@ -701,7 +702,19 @@ def worker(mem_mb: int) -> None:
     proto.write(json.dumps({"ready": vm}) + "\n")
     for line in sys.stdin:
         job = json.loads(line)
-        proto.write(json.dumps(run_case(Pipeline, job["dir"], job["index"])) + "\n")
+        result = _probe(job["probe"]) if "probe" in job else run_case(Pipeline, job["dir"], job["index"])
+        proto.write(json.dumps(result) + "\n")
+
+
+def _probe(kind: str) -> dict:
+    """The harness's own checks (tests): a case that hangs, one that allocates far over the cap."""
+    if kind == "hang":
+        time.sleep(3600)
+    try:
+        bytearray(64 << 30)
+    except MemoryError as e:
+        return _error("memory", e)
+    return {"outcome": "generated"}
 
 
 def _vm_bytes() -> int:
@@ -759,11 +772,12 @@ class Worker:
             self.proc.wait()
             self.proc = None
 
-    def run(self, model_dir: Path, index: int, timeout: float) -> dict:
+    def run(self, model_dir: Path, index: int, timeout: float, probe: str | None = None) -> dict:
         if self.proc is None:
             self.start()
+        job = {"probe": probe} if probe else {"dir": str(model_dir), "index": index}
         try:
-            self.proc.stdin.write((json.dumps({"dir": str(model_dir), "index": index}) + "\n").encode())
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass
@@ -796,6 +810,13 @@ class Campaign:
         self.examples: dict[str, list] = {}
         self.errors: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.done, self.out, self.saved = 0, None, time.monotonic()
+
+    def save(self) -> None:
+        """Write the report so far to `out` (a campaign that is stopped still leaves its figures)."""
+        self.saved = time.monotonic()
+        self.out.write_text(json.dumps({**self.report(), "next_start": self.next}) + "\n")
+        print(f"{self.done} cases, {self.report()['total_findings']} findings", file=sys.stderr, flush=True)
 
     def take(self, limit: int | None, deadline: float | None) -> tuple[str, int] | None:
         with self.lock:
@@ -810,10 +831,15 @@ class Campaign:
     def record(self, fmt: str, index: int, desc: str, result: dict) -> None:
         with self.lock:
             self.counts[fmt][result["outcome"]] += 1
+            self.done += 1
+            if self.out is not None and time.monotonic() - self.saved > 60:
+                self.save()
             if result["outcome"] in ("refused", "refused_at_use"):
                 key = f"{result['outcome']}: {result['type']}"
                 self.errors[key] = self.errors.get(key, 0) + 1
-            if result["outcome"] in FINDINGS:
+            if result["outcome"] in (*FINDINGS, "refused_at_use") or (
+                result["outcome"] == "refused" and index % 50 == 0
+            ):
                 found = self.examples.setdefault(result["outcome"], [])
                 if len(found) < 20:
                     found.append({"case": f"{fmt}:{self.seed}:{index}", "mutation": desc, **result})
@@ -872,6 +898,7 @@ def fuzz(
     timeout: float = 10.0,
     mem_mb: int = 1536,
     work: Path | None = None,
+    out: Path | None = None,
 ) -> dict:
     """Run a campaign (cases `start`..`start + cases` of each format, or as many as fit in `minutes`)."""
     with tempfile.TemporaryDirectory(prefix="dgemma-fuzz-") as tmp:
@@ -879,12 +906,15 @@ def fuzz(
         bases = build_bases(root / "bases", formats)
         scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))  # runs may share `work`, never scratch
         campaign = Campaign(bases, seed, start, timeout, mem_mb, scratch)
+        campaign.out = out
         limit = None if cases is None else start + cases
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
         try:
             campaign.run(jobs, limit, deadline)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            if out is not None:
+                campaign.save()
         return campaign.report()
 
 
@@ -916,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-mb", type=int, default=1536, help="address space a worker may add over its warm size")
     p.add_argument("--work", type=Path, help="keep bases and scratch here (default: a temporary directory)")
     p.add_argument("--replay", help="run one case FORMAT:SEED:INDEX and print it")
+    p.add_argument("--out", type=Path, help="also write the report here, every minute and at the end")
+    p.add_argument("--render-templates", action="store_true", help="also templates whose rendering is unbounded")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -924,12 +956,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay:
         print(json.dumps(replay(args.replay, args.work, args.timeout, args.mem_mb)))
         return 0
+    if args.render_templates:
+        TEMPLATES.extend(RENDER_TEMPLATES)
     formats = FORMATS if args.format == "all" else tuple(args.format.split(","))
     if unknown := set(formats) - set(FORMATS):
         p.error(f"unknown format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
     cases = args.cases if args.cases is not None or args.minutes is not None else 100
     t0 = time.monotonic()
-    report = fuzz(formats, cases, args.minutes, args.seed, args.start, args.jobs, args.timeout, args.mem_mb, args.work)
+    report = fuzz(
+        formats, cases, args.minutes, args.seed, args.start, args.jobs, args.timeout, args.mem_mb, args.work, args.out
+    )
     report["seconds"] = round(time.monotonic() - t0, 1)
     report["start"] = args.start
     print_table(report)

@@ -94,6 +94,7 @@ class TextConfig:
     def from_dict(cls, d: dict[str, Any]) -> TextConfig:
         """Build from HF `text_config`, accepting both `per_layer_config` and `global_head_dim` spellings."""
         n_layers = _positive_int(d, "num_hidden_layers", 30)
+        _check_limit("num_hidden_layers", n_layers)  # before a list of that many layer types is built
         layer_types = d.get("layer_types") or _default_layer_types(n_layers)
         if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
             raise ConfigError(f"layer_types must be a list of strings, got {_short(layer_types)}")
@@ -250,12 +251,12 @@ class GenerationSettings:
         """Map HF generation_config keys; null or missing values fall back to the reference defaults."""
         d = d or {}
         if not isinstance(d, dict):
-            raise ConfigError("generation_config.json must hold a JSON object")
+            raise ConfigError("generation settings must be a JSON object")
         for key, limit in GENERATION_LIMITS.items():
             if isinstance(d.get(key), int) and d[key] > limit:
-                raise ConfigError(f"generation_config.json {key} = {d[key]} exceeds the supported maximum {limit}")
+                raise ConfigError(f"{key} = {d[key]} exceeds the supported maximum {limit}")
         if d.get("pad_token_id") is not None:
-            _check_int(d["pad_token_id"], "generation_config.json pad_token_id", 0)
+            _check_int(d["pad_token_id"], "pad_token_id", 0)
         sampler = d.get("sampler_config") or {}
         mapped = {
             "max_new_tokens": d.get("max_new_tokens"),
@@ -265,16 +266,23 @@ class GenerationSettings:
             "t_max": d.get("t_max"),
             "stability_threshold": d.get("stability_threshold"),
             "confidence_threshold": d.get("confidence_threshold"),
-            "eos_token_ids": tuple(_id_list(d.get("eos_token_id"), "generation_config.json eos_token_id")),
+            "eos_token_ids": tuple(_id_list(d.get("eos_token_id"), "eos_token_id")),
             "pad_token_id": d.get("pad_token_id"),
         }
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            if type(mapped[name]) is int:  # JSON 1 or 10**40: the sampler takes floats (an int past 2**63 overflows)
+                mapped[name] = float(mapped[name])
         return cls(**{k: v for k, v in mapped.items() if v is not None})
 
     @classmethod
     def from_file(cls, path: str | Path) -> GenerationSettings:
         """Settings from `path`, or the defaults when there is no such file (a FIFO or device there is refused)."""
         path = Path(path)
-        return cls.from_dict(read_json(path) if os.path.lexists(path) else None)
+        data = read_json(path) if os.path.lexists(path) else None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def override(self, **changes: Any) -> GenerationSettings:
         """A copy with the non-None `changes` applied (validated again)."""

@@ -333,7 +333,7 @@ def load_model(
     gguf_file, raw_config = _raw_config(model_dir)
     if raw_config.get("auto_map"):
         log.warning("config.json has auto_map (remote code); it is ignored, dgemma never imports model-dir code")
-    config = ModelConfig.from_dict(raw_config)
+    config = _model_config(model_dir, raw_config, gguf_file)
     with torch.device("meta"), _skip_weight_init():
         model = DiffusionGemma(config, execution)
     expected = expected_tensors(model)
@@ -374,6 +374,16 @@ def _raw_config(model_dir: Path) -> tuple[Path | None, dict]:
     if gguf_file is not None:
         return gguf_file, gguf_import.gguf_config(gguf_file)
     raise CheckpointError(f"{model_dir} has no config.json")
+
+
+def _model_config(model_dir: Path, raw_config: dict, gguf_file: Path | None) -> ModelConfig:
+    """`ModelConfig.from_dict`, its errors naming where the values came from."""
+    try:
+        return ModelConfig.from_dict(raw_config)
+    except ConfigError as e:
+        config_json = model_dir / "config.json"
+        source = config_json if gguf_file is None or os.path.lexists(config_json) else f"{gguf_file} metadata"
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _has_safetensors(model_dir: Path) -> bool:
@@ -493,7 +503,8 @@ def load_generation_settings(model_dir: str | os.PathLike) -> GenerationSettings
     settings = GenerationSettings.from_file(model_dir / "generation_config.json")
     ids = [*settings.eos_token_ids, *([settings.pad_token_id] if settings.pad_token_id is not None else [])]
     if ids:
-        vocab = ModelConfig.from_dict(_raw_config(model_dir)[1]).text.vocab_size
+        gguf_file, raw_config = _raw_config(model_dir)
+        vocab = _model_config(model_dir, raw_config, gguf_file).text.vocab_size
         if bad := [i for i in ids if i >= vocab]:
             raise ConfigError(f"generation_config.json: token id {bad[0]} is outside the vocabulary ({vocab})")
     return settings

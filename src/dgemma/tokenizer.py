@@ -306,7 +306,10 @@ def _hashable(entry: dict) -> bool:
 def _token_text(value) -> str | None:
     if isinstance(value, dict):  # AddedToken serialisation
         value = value.get("content")
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    _check_utf8(value, "tokenizer_config.json bos_token/eos_token")
+    return value
 
 
 def _raise(message: str):

@@ -249,7 +249,12 @@ class Case:
         return self.rng.choice(names) if names else None
 
     def read(self, name: str) -> bytes:
-        return (self.base / name).read_bytes() if (self.base / name).is_file() else (self.dir / name).read_bytes()
+        """The file as earlier mutations of this case left it, or the base's when they replaced it with a link,
+        FIFO, directory or huge sparse file."""
+        path = self.dir / name
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 64 << 20:
+            return path.read_bytes()
+        return (self.base / name).read_bytes()
 
     def write(self, name: str, data: bytes | str) -> None:
         """Write a fresh file (never through the hard link to the base)."""
@@ -279,7 +284,10 @@ def make_case(fmt: str, base: Path, dst: Path, seed: int, index: int) -> str:
     n = 1 if rng.random() < 0.85 else rng.randint(2, 3)
     done = []
     for mutation in rng.choices([m for m, _ in table], [w for _, w in table], k=n):
-        done.append(mutation(case) or "skipped")
+        try:
+            done.append(mutation(case) or "skipped")
+        except Exception as e:  # noqa: BLE001 - a mutator's own bug must not stop the campaign; the case still runs
+            done.append(f"{mutation.__name__} failed: {e!r}")
     return " + ".join(done)
 
 
@@ -524,8 +532,9 @@ def m_header(case: Case) -> str | None:
         info["shape"] = rng.choice(SHAPES)
     elif field == "data_offsets":
         info["data_offsets"] = rng.choice(OFFSETS)
-    elif field == "negate" and len(info.get("shape", [])) >= 2:
-        info["shape"] = [-info["shape"][0], -info["shape"][1], *info["shape"][2:]]  # same product, negative dims
+    elif field == "negate":
+        shape = info.get("shape") if isinstance(info.get("shape"), list) else []
+        info["shape"] = [-x for x in shape[:2]] + shape[2:] if len(shape) >= 2 else [-1, *(-x for x in shape)]
     elif field == "swap":
         info["shape"] = list(reversed(info.get("shape", [])))
     elif field == "drop":
@@ -810,7 +819,7 @@ class Campaign:
         self.examples: dict[str, list] = {}
         self.errors: dict[str, int] = {}
         self.lock = threading.Lock()
-        self.done, self.out, self.saved = 0, None, time.monotonic()
+        self.done, self.out, self.log, self.saved = 0, None, None, time.monotonic()
 
     def save(self) -> None:
         """Write the report so far to `out` (a campaign that is stopped still leaves its figures)."""
@@ -832,6 +841,8 @@ class Campaign:
         with self.lock:
             self.counts[fmt][result["outcome"]] += 1
             self.done += 1
+            if self.log is not None:
+                self.log.write(json.dumps({"case": f"{fmt}:{self.seed}:{index}", "mutation": desc, **result}) + "\n")
             if self.out is not None and time.monotonic() - self.saved > 60:
                 self.save()
             if result["outcome"] in ("refused", "refused_at_use"):
@@ -899,6 +910,7 @@ def fuzz(
     mem_mb: int = 1536,
     work: Path | None = None,
     out: Path | None = None,
+    log: Path | None = None,
 ) -> dict:
     """Run a campaign (cases `start`..`start + cases` of each format, or as many as fit in `minutes`)."""
     with tempfile.TemporaryDirectory(prefix="dgemma-fuzz-") as tmp:
@@ -907,6 +919,7 @@ def fuzz(
         scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))  # runs may share `work`, never scratch
         campaign = Campaign(bases, seed, start, timeout, mem_mb, scratch)
         campaign.out = out
+        campaign.log = None if log is None else open(log, "a", buffering=1)  # noqa: SIM115 - closed below
         limit = None if cases is None else start + cases
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
         try:
@@ -915,6 +928,8 @@ def fuzz(
             shutil.rmtree(scratch, ignore_errors=True)
             if out is not None:
                 campaign.save()
+            if campaign.log is not None:
+                campaign.log.close()
         return campaign.report()
 
 
@@ -947,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="keep bases and scratch here (default: a temporary directory)")
     p.add_argument("--replay", help="run one case FORMAT:SEED:INDEX and print it")
     p.add_argument("--out", type=Path, help="also write the report here, every minute and at the end")
+    p.add_argument("--log", type=Path, help="append one JSON line per case (case, mutation, outcome, error) here")
     p.add_argument("--render-templates", action="store_true", help="also templates whose rendering is unbounded")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -964,7 +980,17 @@ def main(argv: list[str] | None = None) -> int:
     cases = args.cases if args.cases is not None or args.minutes is not None else 100
     t0 = time.monotonic()
     report = fuzz(
-        formats, cases, args.minutes, args.seed, args.start, args.jobs, args.timeout, args.mem_mb, args.work, args.out
+        formats,
+        cases,
+        args.minutes,
+        args.seed,
+        args.start,
+        args.jobs,
+        args.timeout,
+        args.mem_mb,
+        args.work,
+        args.out,
+        args.log,
     )
     report["seconds"] = round(time.monotonic() - t0, 1)
     report["start"] = args.start

@@ -458,7 +458,6 @@ def test_token_ids_and_generation_values_are_checked_at_load(ckpt, file, change,
     [
         (lambda h: h[EMBED].update(shape=[float(s) for s in h[EMBED]["shape"]]), "invalid dtype/shape/offset"),
         (lambda h: h[EMBED].update(shape=[-s for s in h[EMBED]["shape"]]), "invalid dtype/shape/offset"),
-        (lambda h: h[EMBED].update(extra=1), "invalid dtype/shape/offset"),
         (lambda h: h.update(__metadata__={"format": 5}), "__metadata__ must map strings to strings"),
     ],
 )
@@ -467,6 +466,11 @@ def test_header_entries_the_safetensors_library_rejects_are_refused_first(ckpt, 
     header_edit(ckpt, change)
     with pytest.raises(CheckpointError, match=f"model.safetensors: .*{message}"):
         load_model(ckpt)
+
+
+def test_header_extra_keys_and_null_metadata_are_accepted_as_safetensors_does(ckpt, good):
+    header_edit(ckpt, lambda h: (h[EMBED].update(extra=1), h.update(__metadata__=None)))
+    torch.testing.assert_close(logits(load_model(ckpt)), logits(load_model(good)), atol=0, rtol=0)
 
 
 def test_duplicate_tensor_names_in_a_header(ckpt):

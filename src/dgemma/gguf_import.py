@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from .config import FULL, SLIDING, CheckpointError, check_file
+from .config import FULL, LIMITS, SLIDING, CheckpointError, check_file
 from .quantize import Packed, QuantSpec, pack_nibbles
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,9 @@ def gguf_config(path: Path) -> dict:
     meta = _Meta(reader, path)
     shapes = {t.name: _shape(t) for t in reader.tensors}
     n_layers, heads = meta.scalar("block_count"), meta.scalar("attention.head_count")
+    for key, value in (("block_count", n_layers), ("attention.head_count", heads)):
+        if not 0 < value <= LIMITS["num_hidden_layers"]:  # per-layer lists are built from these, and divided by
+            raise CheckpointError(f"{path.name}: GGUF metadata {ARCH}.{key} = {value} is out of range")
     layer_types = _layer_types(meta, shapes, n_layers)
     geometry = [_geometry(meta, shapes, i, t, heads) for i, t in enumerate(layer_types)]
     head_dim_full = next((hd for (hd, _), t in zip(geometry, layer_types) if t == FULL), None)
@@ -392,6 +395,8 @@ def _geometry(meta: _Meta, shapes: dict, i: int, layer_type: str, heads: int) ->
     """(head_dim, kv heads) of layer i: metadata where present, else attn_q / attn_k rows."""
     key = "attention.key_length" if layer_type == FULL else "attention.key_length_swa"
     head_dim = meta.scalar(key, lambda: _tensor_shape(shapes, f"blk.{i}.attn_q.weight", meta.path)[0] // heads)
+    if head_dim <= 0:
+        raise CheckpointError(f"{meta.path.name}: layer {i} has head dim {head_dim} ({ARCH}.{key})")
     kv = meta.int("attention.head_count_kv", lambda: None) or None
     if isinstance(kv, list):
         if len(kv) <= i:

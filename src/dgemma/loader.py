@@ -167,7 +167,7 @@ def read_header(path: Path) -> dict[str, dict]:
 
 
 def _parse_header(path: Path, raw: bytes) -> dict[str, dict]:
-    """The header's JSON object, without `__metadata__` (which must map strings to strings, as the format says);
+    """The header's JSON object, without `__metadata__` (null, or strings to strings, as the format says);
     duplicate names are refused (JSON would keep the last silently)."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
@@ -177,7 +177,7 @@ def _parse_header(path: Path, raw: bytes) -> dict[str, dict]:
         raise CheckpointError(f"{path.name}: header is not valid UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: header is not a JSON object")
-    meta = header.pop("__metadata__", {})
+    meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{path.name}: header __metadata__ must map strings to strings")
     return header
@@ -203,7 +203,7 @@ def _no_constant(name: str):
 def _span(info) -> tuple[int, int] | None:
     """(start, end) of a well-formed entry: known dtype, a list of integer dims >= 0, two integer offsets whose
     distance is exactly the tensor's byte size; None otherwise."""
-    if not isinstance(info, dict) or set(info) != HEADER_KEYS:
+    if not isinstance(info, dict) or not HEADER_KEYS <= set(info):  # other keys are ignored, as safetensors does
         return None
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in ITEM_SIZES or not isinstance(shape, list):

@@ -541,3 +541,32 @@ def test_lone_surrogate_special_token_is_a_config_error(tok_checkpoint, tmp_path
     (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "\ud800"}))  # was UnicodeEncodeError
     with pytest.raises(ConfigError, match="bos_token/eos_token is not valid Unicode"):
         Pipeline.load(ckpt, device="cpu")
+
+
+def test_config_dtype_of_the_wrong_type(ckpt):
+    edit_config(ckpt, lambda c: c.update(dtype={"a": 1}))  # was TypeError: unhashable type
+    with pytest.raises(ConfigError, match="config.json dtype must be a string"):
+        load_model(ckpt)
+
+
+def test_template_raising_at_render_is_refused_at_use(tok_checkpoint, tmp_path):
+    ckpt = shutil.copytree(tok_checkpoint, tmp_path / "ckpt")
+    (ckpt / "chat_template.jinja").write_text("{{ 1 / 0 }}")  # compiles; was ZeroDivisionError from generate
+    pipe = Pipeline.load(ckpt, device="cpu")
+    with pytest.raises(ConfigError, match="chat template failed: ZeroDivisionError"):
+        pipe.generate("hi", chat=True, max_new_tokens=4, steps=2, seed=0)
+
+
+@pytest.mark.timeout(30)
+def test_gguf_array_count_past_the_file_is_refused_before_the_reader(tmp_path):
+    """gguf.GGUFReader loops over an array's claimed length: a count of 2^32 - 1 hung it."""
+    from gguf_fixtures import write_gguf
+
+    path = write_gguf(tmp_path / "model.gguf", random_model(tiny_config(), seed=1))
+    data = bytearray(path.read_bytes())
+    key = b"diffusion-gemma.attention.sliding_window_pattern"
+    at = data.index(key) + len(key) + 8  # value type u32, item type u32, then the u64 count
+    data[at : at + 8] = struct.pack("<Q", 2**32 - 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.gguf: the GGUF header claims .* past the end"):
+        load_model(tmp_path)

@@ -2,7 +2,9 @@
 
 `ModelConfig` mirrors `config.json` (HF field names, unknown keys ignored, invariants checked before anything is
 allocated). `GenerationSettings` mirrors `generation_config.json` plus per-call overrides. This module reads JSON
-only; it never imports torch and never looks at weights.
+only; it never imports torch and never looks at weights. `read_file` / `check_file` are the one way the loader reads a
+checkpoint's small files: regular files only (no FIFOs or devices), inside the model directory (symlinks may not
+escape it), each under a size cap; `read_json` also bounds nesting and refuses NaN / Infinity.
 """
 
 from __future__ import annotations
@@ -302,7 +304,7 @@ def read_json(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, 
     path = Path(path)
     data = read_file(path, max_bytes)
     try:
-        value = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(data.decode("utf-8"), parse_constant=reject_constant)
     except RecursionError:
         raise ConfigError(f"{path} is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers, NaN/Infinity
@@ -358,7 +360,8 @@ def _inside(real: Path, root: Path) -> bool:
     return any(r == real.parent or r in real.parents for r in roots)
 
 
-def _no_constant(name: str):
+def reject_constant(name: str):
+    """`json.loads(parse_constant=...)`: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not a JSON value")
 
 
@@ -483,7 +486,7 @@ def _short(v: Any) -> str:
 
 def _check_int(v: Any, name: str, minimum: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {_short(v)}")
 
 
 def _id_list(v: Any, key: str = "eos_token_id") -> list[int]:

@@ -40,6 +40,7 @@ copied while it is decoded.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import struct
@@ -270,6 +271,7 @@ def _open(path: Path) -> gguf.GGUFReader:
     if not os.path.lexists(path):
         raise CheckpointError(f"GGUF file {path} does not exist")
     check_file(path)  # a regular file inside its directory
+    check_header(path)
     try:
         reader = gguf.GGUFReader(path)
     except READER_ERRORS as e:
@@ -283,6 +285,78 @@ def _open(path: Path) -> gguf.GGUFReader:
     for t in reader.tensors:
         _check_size(t, path, size)
     return reader
+
+
+VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+STRING, ARRAY = 8, 9
+MAX_TENSORS, MAX_KV, MAX_DIMS = 1 << 20, 1 << 16, 8
+
+
+def check_header(path: Path) -> None:
+    """Walk the GGUF preamble, metadata and tensor infos with every count and length checked against the bytes
+    left, before `gguf.GGUFReader` sees the file (it loops over an array's claimed length, so a count of 2^32
+    would hang it). Nested arrays, unknown value types and versions other than 2 and 3 are refused."""
+    if path.stat().st_size < 24:
+        raise CheckpointError(f"{path.name}: too small to be a GGUF file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        walk = _Walk(data, path)
+        magic, version, n_tensors, n_kv = walk.unpack("<4sIQQ")
+        if magic != b"GGUF" or version not in (2, 3) or n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+            raise CheckpointError(
+                f"{path.name}: not a GGUF v2/v3 header (magic {magic!r}, version {version}, {n_tensors} tensors, "
+                f"{n_kv} metadata keys)"
+            )
+        for _ in range(n_kv):
+            walk.string()
+            walk.value(walk.unpack("<I")[0])
+        for _ in range(n_tensors):
+            walk.string()
+            (n_dims,) = walk.unpack("<I")
+            if n_dims > MAX_DIMS:
+                raise CheckpointError(f"{path.name}: a tensor claims {n_dims} dimensions")
+            walk.skip(8 * n_dims + 4 + 8)  # dims, ggml type, data offset
+
+
+class _Walk:
+    """A cursor over a GGUF header that refuses to run past the end of the file."""
+
+    def __init__(self, data, path: Path):
+        self.data, self.path, self.at = data, path, 0
+
+    def unpack(self, fmt: str) -> tuple:
+        self.need(struct.calcsize(fmt))
+        out = struct.unpack_from(fmt, self.data, self.at)
+        self.at += struct.calcsize(fmt)
+        return out
+
+    def need(self, n: int) -> None:
+        if n > len(self.data) - self.at:
+            raise CheckpointError(
+                f"{self.path.name}: the GGUF header claims {n} bytes at offset {self.at}, past the end"
+            )
+
+    def skip(self, n: int) -> None:
+        self.need(n)
+        self.at += n
+
+    def string(self) -> None:
+        self.skip(self.unpack("<Q")[0])
+
+    def value(self, kind: int) -> None:
+        if kind in VALUE_SIZES:
+            return self.skip(VALUE_SIZES[kind])
+        if kind == STRING:
+            return self.string()
+        if kind != ARRAY:
+            raise CheckpointError(f"{self.path.name}: unknown GGUF metadata value type {kind}")
+        item, count = self.unpack("<IQ")
+        if item in VALUE_SIZES:
+            return self.skip(count * VALUE_SIZES[item])
+        if item != STRING:
+            raise CheckpointError(f"{self.path.name}: GGUF metadata array of type {item} is not supported")
+        self.need(8 * count)  # every string needs at least its length field
+        for _ in range(count):
+            self.string()
 
 
 def _check_size(t: gguf.ReaderTensor, path: Path, file_size: int) -> None:

@@ -1,8 +1,10 @@
 """Load a DiffusionGemma checkpoint directory into `DiffusionGemma` (spec section b).
 
-Safetensors only: every shard header is validated by hand (size, JSON, dtypes, offsets inside the file, no gaps or
-overlaps) before the file is memory-mapped, and every tensor name/shape/dtype is checked against what `config.json`
-implies. Vision-tower tensors are skipped. Nothing in the directory is ever executed: no pickle, no `auto_map`, no
+Safetensors only: every shard header is validated by hand (size, JSON, dtypes, integer dims and offsets inside the
+file, no gaps, overlaps or duplicate names) before the file is memory-mapped, and every tensor name/shape/dtype is
+checked against what `config.json` implies. Every file is read through `config.check_file` (regular, inside the
+directory, size-capped), config values are bounded before the meta model is built, and every failure is a
+`CheckpointError` or `ConfigError` naming the file (scripts/fuzz_loader.py holds the loader to that). Vision-tower tensors are skipped. Nothing in the directory is ever executed: no pickle, no `auto_map`, no
 `*.py`. All checkpoint-name surgery lives in `checkpoint_name` / `expected_tensors`.
 """
 
@@ -22,7 +24,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import gguf_import, prequant
-from .config import CheckpointError, ConfigError, GenerationSettings, ModelConfig, check_file, read_json
+from .config import (
+    CheckpointError,
+    ConfigError,
+    GenerationSettings,
+    ModelConfig,
+    check_file,
+    read_json,
+    reject_constant,
+)
 from .model import DEFAULT_EXECUTION, DiffusionGemma, Execution
 from .quantize import Packed, QuantSpec, swap_modules
 
@@ -170,7 +180,7 @@ def _parse_header(path: Path, raw: bytes) -> dict[str, dict]:
     """The header's JSON object, without `__metadata__` (null, or strings to strings, as the format says);
     duplicate names are refused (JSON would keep the last silently)."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=reject_constant)
     except _Duplicate as e:
         raise CheckpointError(f"{path.name}: header names {e.args[0]!r} twice") from None
     except (ValueError, RecursionError):
@@ -194,10 +204,6 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
             raise _Duplicate(key)
         out[key] = value
     return out
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def _span(info) -> tuple[int, int] | None:
@@ -342,7 +348,7 @@ def load_model(
     else:
         found = safetensors_table(model_dir)
         entries = plan_tensors(model_dir, raw_config, found)
-        declared = DTYPE_NAMES.get(raw_config.get("dtype") or raw_config.get("torch_dtype") or "")
+        declared = _declared_dtype(raw_config)
     check_tensors(expected, entries, declared)
     target = dtype or DTYPES[entries[checkpoint_name("norm.weight")].dtype]
     plan = {expected[k][0]: e.spec for k, e in entries.items() if k in expected}
@@ -363,6 +369,14 @@ def load_model(
     if check_finite or (check_finite is None and sum(t.nbytes for t in state.values()) <= FINITE_CHECK_BYTES):
         _warn_non_finite(state)
     return model.eval().requires_grad_(False)  # inference: no autograd graph is ever built or kept
+
+
+def _declared_dtype(raw_config: dict) -> str | None:
+    """The safetensors dtype config.json declares (`dtype`, or the older `torch_dtype`), or None."""
+    name = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"config.json dtype must be a string like 'bfloat16', got {repr(name)[:60]}")
+    return DTYPE_NAMES.get(name or "")
 
 
 def _raw_config(model_dir: Path) -> tuple[Path | None, dict]:

@@ -570,3 +570,19 @@ def test_gguf_array_count_past_the_file_is_refused_before_the_reader(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="model.gguf: the GGUF header claims .* past the end"):
         load_model(tmp_path)
+
+
+def test_gguf_that_cannot_be_mapped_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """Under an address-space cap a huge file's map fails with OSError (the fuzzer's 2 GiB sparse tails)."""
+    import mmap
+
+    from gguf_fixtures import write_gguf
+
+    write_gguf(tmp_path / "model.gguf", random_model(tiny_config(), seed=1))
+
+    def no_map(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", no_map)
+    with pytest.raises(CheckpointError, match="model.gguf: cannot be mapped: Cannot allocate memory"):
+        load_model(tmp_path)

@@ -290,31 +290,41 @@ def _open(path: Path) -> gguf.GGUFReader:
 VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
 STRING, ARRAY = 8, 9
 MAX_TENSORS, MAX_KV, MAX_DIMS = 1 << 20, 1 << 16, 8
+MAX_HEADER = 256 << 20  # metadata (a 262k-token vocabulary is ~10 MB) and tensor infos; walked before the reader
 
 
 def check_header(path: Path) -> None:
     """Walk the GGUF preamble, metadata and tensor infos with every count and length checked against the bytes
     left, before `gguf.GGUFReader` sees the file (it loops over an array's claimed length, so a count of 2^32
     would hang it). Nested arrays, unknown value types and versions other than 2 and 3 are refused."""
-    if path.stat().st_size < 24:
+    size = path.stat().st_size
+    if size < 24:
         raise CheckpointError(f"{path.name}: too small to be a GGUF file")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        walk = _Walk(data, path)
-        magic, version, n_tensors, n_kv = walk.unpack("<4sIQQ")
-        if magic != b"GGUF" or version not in (2, 3) or n_tensors > MAX_TENSORS or n_kv > MAX_KV:
-            raise CheckpointError(
-                f"{path.name}: not a GGUF v2/v3 header (magic {magic!r}, version {version}, {n_tensors} tensors, "
-                f"{n_kv} metadata keys)"
-            )
-        for _ in range(n_kv):
-            walk.string()
-            walk.value(walk.unpack("<I")[0])
-        for _ in range(n_tensors):
-            walk.string()
-            (n_dims,) = walk.unpack("<I")
-            if n_dims > MAX_DIMS:
-                raise CheckpointError(f"{path.name}: a tensor claims {n_dims} dimensions")
-            walk.skip(8 * n_dims + 4 + 8)  # dims, ggml type, data offset
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), min(size, MAX_HEADER), access=mmap.ACCESS_READ) as data:
+            _walk_header(_Walk(data, path))
+    except OSError as e:  # the map failed (address space)
+        raise CheckpointError(f"{path.name}: cannot be mapped: {e.strerror or e}") from None
+
+
+def _walk_header(walk: _Walk) -> None:
+    """Preamble, then each metadata key and value, then each tensor info."""
+    path = walk.path
+    magic, version, n_tensors, n_kv = walk.unpack("<4sIQQ")
+    if magic != b"GGUF" or version not in (2, 3) or n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise CheckpointError(
+            f"{path.name}: not a GGUF v2/v3 header (magic {magic!r}, version {version}, {n_tensors} tensors, "
+            f"{n_kv} metadata keys)"
+        )
+    for _ in range(n_kv):
+        walk.string()
+        walk.value(walk.unpack("<I")[0])
+    for _ in range(n_tensors):
+        walk.string()
+        (n_dims,) = walk.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise CheckpointError(f"{path.name}: a tensor claims {n_dims} dimensions")
+        walk.skip(8 * n_dims + 4 + 8)  # dims, ggml type, data offset
 
 
 class _Walk:
@@ -332,7 +342,8 @@ class _Walk:
     def need(self, n: int) -> None:
         if n > len(self.data) - self.at:
             raise CheckpointError(
-                f"{self.path.name}: the GGUF header claims {n} bytes at offset {self.at}, past the end"
+                f"{self.path.name}: the GGUF header claims {n} bytes at offset {self.at}, past the end of the file "
+                f"(or of its first {MAX_HEADER >> 20} MiB, the header limit)"
             )
 
     def skip(self, n: int) -> None:

@@ -586,3 +586,17 @@ def test_gguf_that_cannot_be_mapped_is_a_checkpoint_error(tmp_path, monkeypatch)
     monkeypatch.setattr(mmap, "mmap", no_map)
     with pytest.raises(CheckpointError, match="model.gguf: cannot be mapped: Cannot allocate memory"):
         load_model(tmp_path)
+
+
+def test_gguf_head_dim_of_one_is_a_config_error(tmp_path):
+    """key_length = 1 divided the rope_freqs count by head_dim // 2 = 0 (ZeroDivisionError); now the config says why."""
+    from gguf_fixtures import write_gguf
+
+    path = write_gguf(tmp_path / "model.gguf", random_model(tiny_config(), seed=1))
+    data = bytearray(path.read_bytes())
+    key = b"diffusion-gemma.attention.key_length"
+    at = data.index(key + b"\x04\x00\x00\x00") + len(key) + 4  # u32 value type 4 (uint32), then the value
+    data[at : at + 4] = struct.pack("<I", 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="model.gguf metadata: .*head_dim 1 must be even"):
+        load_model(tmp_path)

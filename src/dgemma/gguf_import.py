@@ -497,7 +497,7 @@ def _rope(meta: _Meta, reader: gguf.GGUFReader, head_dim_full: int | None) -> di
     `rope_freqs.weight` (the converter writes n_rot ones then 1e30 for the unrotated pairs)."""
     factor = 0.25
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is not None and head_dim_full and freqs.tensor_type == Q.F32:
+    if freqs is not None and head_dim_full and head_dim_full >= 2 and freqs.tensor_type == Q.F32:
         factor = float(np.count_nonzero(np.asarray(freqs.data) == 1.0)) / (head_dim_full // 2)
     return {
         SLIDING: {"rope_type": "default", "rope_theta": meta.float("rope.freq_base_swa", 10_000.0)},

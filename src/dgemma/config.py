@@ -2,7 +2,9 @@
 
 `ModelConfig` mirrors `config.json` (HF field names, unknown keys ignored, invariants checked before anything is
 allocated). `GenerationSettings` mirrors `generation_config.json` plus per-call overrides. This module reads JSON
-only; it never imports torch and never looks at weights.
+only; it never imports torch and never looks at weights. `read_file` / `check_file` are the one way the loader reads a
+checkpoint's small files: regular files only (no FIFOs or devices), inside the model directory (symlinks may not
+escape it), each under a size cap; `read_json` also bounds nesting and refuses NaN / Infinity.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,24 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 SUPPORTED_ROPE_TYPES = ("default", "proportional")
 MAX_VOCAB = 1 << 22  # far above any real vocabulary; rejects absurd configs before allocation
+# Bounds on config values, checked before anything is built (each far above any real checkpoint's): the meta model
+# has one module per layer and expert, RoPE tables are built from head_dim, caches from the windows and the context.
+LIMITS = {
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "moe_intermediate_size": 1 << 18,
+    "num_experts": 1 << 12,
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "head_dim": 1 << 12,
+    "num_key_value_heads": 1 << 10,
+    "max_position_embeddings": 1 << 22,
+    "sliding_window": 1 << 22,
+    "canvas_length": 1 << 12,
+}
+GENERATION_LIMITS = {"max_new_tokens": 1 << 22, "max_denoising_steps": 1 << 14, "stability_threshold": 1 << 14}
+MAX_CONFIG_BYTES = 1 << 20  # config.json, generation_config.json, hf_quant_config.json
+MAX_JSON_DEPTH = 64  # real configs nest 4-6 deep; json.loads itself recurses (RecursionError) past ~1000
 DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
@@ -101,7 +123,11 @@ class TextConfig:
     def from_dict(cls, d: dict[str, Any]) -> TextConfig:
         """Build from HF `text_config`, accepting both `per_layer_config` and `global_head_dim` spellings."""
         n_layers = _positive_int(d, "num_hidden_layers", 30)
-        layer_types = list(d.get("layer_types") or _default_layer_types(n_layers))
+        _check_limit("num_hidden_layers", n_layers)  # before a list of that many layer types is built
+        layer_types = d.get("layer_types") or _default_layer_types(n_layers)
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise ConfigError(f"layer_types must be a list of strings, got {_short(layer_types)}")
+        layer_types = list(layer_types)
         if len(layer_types) != n_layers:
             raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {n_layers}")
         if bad := sorted(set(layer_types) - {SLIDING, FULL}):
@@ -121,11 +147,11 @@ class TextConfig:
             sliding_window=_positive_int(d, "sliding_window", 512),
             rope_parameters=_rope_parameters(d.get("rope_parameters")),
             max_position_embeddings=_positive_int(d, "max_position_embeddings", 131_072),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            final_logit_softcapping=d.get("final_logit_softcapping", 30.0),
-            pad_token_id=d.get("pad_token_id", 0),
+            rms_norm_eps=_positive_float(d, "rms_norm_eps", 1e-6),
+            final_logit_softcapping=_positive_float(d, "final_logit_softcapping", 30.0, optional=True),
+            pad_token_id=_token_id(d, "pad_token_id", 0),
             eos_token_id=d.get("eos_token_id", 1),
-            bos_token_id=d.get("bos_token_id", 2),
+            bos_token_id=_token_id(d, "bos_token_id", 2),
         )
         cfg._check(d)
         return cfg
@@ -133,6 +159,16 @@ class TextConfig:
     def _check(self, d: dict[str, Any]) -> None:
         if self.vocab_size > MAX_VOCAB:
             raise ConfigError(f"vocab_size {self.vocab_size} exceeds the supported maximum {MAX_VOCAB}")
+        for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_experts", "num_hidden_layers"):
+            _check_limit(key, getattr(self, key))
+        for key in ("num_attention_heads", "max_position_embeddings", "sliding_window"):
+            _check_limit(key, getattr(self, key))
+        for g in self.layers:
+            _check_limit("head_dim", g.head_dim)
+            _check_limit("num_key_value_heads", g.num_kv_heads)
+        for key in ("pad_token_id", "bos_token_id"):
+            _check_ids(key, [getattr(self, key)] if getattr(self, key) is not None else [], self.vocab_size)
+        _check_ids("text_config.eos_token_id", _id_list(self.eos_token_id, "text_config.eos_token_id"), self.vocab_size)
         if self.top_k_experts > self.num_experts:
             raise ConfigError(f"top_k_experts {self.top_k_experts} > num_experts {self.num_experts}")
         for i, g in enumerate(self.layers):
@@ -169,8 +205,13 @@ class ModelConfig:
                 "untied checkpoints (tie_word_embeddings=false: separate encoder weights and LM head) are not supported"
             )
         text = TextConfig.from_dict(d["text_config"])
-        eos = d.get("eos_token_id", text.eos_token_id)
-        return cls(text=text, canvas_length=_positive_int(d, "canvas_length", 256), eos_token_id=_id_list(eos))
+        eos = _id_list(d.get("eos_token_id", text.eos_token_id), "eos_token_id")
+        _check_ids("eos_token_id", eos, text.vocab_size)
+        canvas = _positive_int(d, "canvas_length", 256)
+        _check_limit("canvas_length", canvas)
+        if canvas > text.max_position_embeddings:
+            raise ConfigError(f"canvas_length {canvas} exceeds max_position_embeddings {text.max_position_embeddings}")
+        return cls(text=text, canvas_length=canvas, eos_token_id=eos)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -238,6 +279,13 @@ class GenerationSettings:
     def from_dict(cls, d: dict[str, Any] | None) -> GenerationSettings:
         """Map HF generation_config keys; null or missing values fall back to the reference defaults."""
         d = d or {}
+        if not isinstance(d, dict):
+            raise ConfigError("generation settings must be a JSON object")
+        for key, limit in GENERATION_LIMITS.items():
+            if isinstance(d.get(key), int) and d[key] > limit:
+                raise ConfigError(f"{key} = {d[key]} exceeds the supported maximum {limit}")
+        if d.get("pad_token_id") is not None:
+            _check_int(d["pad_token_id"], "pad_token_id", 0)
         sampler = d.get("sampler_config") or {}
         mapped = {
             "max_new_tokens": d.get("max_new_tokens"),
@@ -247,15 +295,23 @@ class GenerationSettings:
             "t_max": d.get("t_max"),
             "stability_threshold": d.get("stability_threshold"),
             "confidence_threshold": d.get("confidence_threshold"),
-            "eos_token_ids": tuple(_id_list(d.get("eos_token_id"))),
+            "eos_token_ids": tuple(_id_list(d.get("eos_token_id"), "eos_token_id")),
             "pad_token_id": d.get("pad_token_id"),
         }
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            if type(mapped[name]) is int:  # JSON 1 or 10**40: the sampler takes floats (an int past 2**63 overflows)
+                mapped[name] = float(mapped[name])
         return cls(**{k: v for k, v in mapped.items() if v is not None})
 
     @classmethod
     def from_file(cls, path: str | Path) -> GenerationSettings:
+        """Settings from `path`, or the defaults when there is no such file (a FIFO or device there is refused)."""
         path = Path(path)
-        return cls.from_dict(read_json(path) if path.exists() else None)
+        data = read_json(path) if os.path.lexists(path) else None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def override(self, **changes: Any) -> GenerationSettings:
         """A copy with the non-None `changes` applied (validated again)."""
@@ -268,16 +324,84 @@ class GenerationSettings:
         return dataclasses.replace(self, **changes)
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object, turning decode errors into a ConfigError naming the file."""
+def read_json(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """Read a JSON object from a regular file of at most `max_bytes` inside its directory (`read_file`), turning
+    decode errors, non-standard constants (NaN, Infinity) and nesting beyond MAX_JSON_DEPTH into a ConfigError
+    naming the file."""
+    path = Path(path)
+    data = read_file(path, max_bytes)
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=reject_constant)
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers, NaN/Infinity
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ConfigError(f"{path} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return value
+
+
+def read_file(path: str | Path, max_bytes: int, root: str | Path | None = None) -> bytes:
+    """The bytes of `path`, checked by `check_file`; opened without blocking, so a FIFO swapped in after the
+    check is still refused, and never more than `max_bytes + 1` bytes are read."""
+    path = check_file(path, max_bytes, root)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CheckpointError(f"{path} is not a regular file")
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path} is larger than {max_bytes} bytes, the limit for this file")
+    return data
+
+
+def check_file(path: str | Path, max_bytes: int | None = None, root: str | Path | None = None) -> Path:
+    """`path` resolved, if it is a regular file (not a FIFO, device or directory, also through symlinks) of at most
+    `max_bytes` whose real path stays inside `root` (default: its own directory). A Hugging Face cache snapshot's
+    symlinks into its repo's `blobs/` count as inside. Anything else raises CheckpointError."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
+        real = path.resolve(strict=True)
+        info = real.stat()
+    except (OSError, RuntimeError) as e:  # missing, dangling link, link loop (RuntimeError before 3.13)
+        raise CheckpointError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a directory, FIFO or device); refusing to read it")
+    if not _inside(real, Path(root) if root is not None else path.parent):
+        raise CheckpointError(f"{path} is a symlink to {real}, outside the model directory; refusing to read it")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise CheckpointError(f"{path} is {info.st_size} bytes, over the {max_bytes}-byte limit for this file")
+    return real
+
+
+def _inside(real: Path, root: Path) -> bool:
+    root = root.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":  # HF cache: snapshots/<rev>/<file> -> ../../blobs/<hash>
+        roots.append(root.parent.parent / "blobs")
+    return any(r == real.parent or r in real.parents for r in roots)
+
+
+def reject_constant(name: str):
+    """`json.loads(parse_constant=...)`: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _depth(value) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _default_layer_types(n: int) -> list[str]:
@@ -290,11 +414,12 @@ def _layer_geometry(d: dict[str, Any], layer_types: list[str]) -> tuple[LayerGeo
     kv_heads = _positive_int(d, "num_key_value_heads", 4)
     overrides: dict[int, dict] = {}
     if "per_layer_config" in d and d["per_layer_config"] is not None:
+        if not isinstance(d["per_layer_config"], dict):
+            raise ConfigError(f"per_layer_config must be an object, got {_short(d['per_layer_config'])}")
         for key, value in d["per_layer_config"].items():
-            targets = [i for i, t in enumerate(layer_types) if t == key] if key in (SLIDING, FULL) else [int(key)]
-            for i in targets:
-                if not 0 <= i < len(layer_types):
-                    raise ConfigError(f"per_layer_config names layer {i}, outside 0..{len(layer_types) - 1}")
+            if not isinstance(value, (dict, type(None))):
+                raise ConfigError(f"per_layer_config[{key!r}] must be an object, got {_short(value)}")
+            for i in _layer_targets(key, layer_types):
                 overrides[i] = value or {}
     else:
         full = {"head_dim": d.get("global_head_dim") or 512}
@@ -312,11 +437,28 @@ def _layer_geometry(d: dict[str, Any], layer_types: list[str]) -> tuple[LayerGeo
     return tuple(out)
 
 
+def _layer_targets(key: str, layer_types: list[str]) -> list[int]:
+    """The layers a per_layer_config key names: a layer type, or one layer index."""
+    if key in (SLIDING, FULL):
+        return [i for i, t in enumerate(layer_types) if t == key]
+    if not key.isdigit() or not 0 <= int(key) < len(layer_types):
+        raise ConfigError(f"per_layer_config names layer {key!r}, outside 0..{len(layer_types) - 1}")
+    return [int(key)]
+
+
 def _rope_parameters(rope: dict | None) -> dict:
     rope = rope or DEFAULT_ROPE
+    if not isinstance(rope, dict):
+        raise ConfigError(f"rope_parameters must be an object, got {_short(rope)}")
     out = {}
     for layer_type in (SLIDING, FULL):
-        p = dict(rope.get(layer_type) or DEFAULT_ROPE[layer_type])
+        p = rope.get(layer_type) or DEFAULT_ROPE[layer_type]
+        if not isinstance(p, dict):
+            raise ConfigError(f"rope_parameters[{layer_type!r}] must be an object, got {_short(p)}")
+        p = dict(p)
+        for key, low, high in (("rope_theta", 0, math.inf), ("partial_rotary_factor", 0, 1), ("factor", 0, math.inf)):
+            if key in p and not _in_range(p[key], low, high):
+                raise ConfigError(f"rope_parameters[{layer_type!r}].{key} must be a number in ({low}, {high}]")
         if p.get("rope_type", "default") not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_type {p.get('rope_type')!r} for {layer_type} is not supported")
         if p.get("rope_type", "default") == "default" and p.get("partial_rotary_factor", 1.0) != 1.0:
@@ -334,12 +476,51 @@ def _positive_int(d: dict[str, Any], key: str, default: int | None) -> int:
     return v
 
 
+def _positive_float(d: dict[str, Any], key: str, default: float | None, optional: bool = False) -> float | None:
+    v = d.get(key, default)
+    if v is None and optional:
+        return None
+    if not _in_range(v, 0, math.inf):
+        raise ConfigError(f"{key} must be a positive finite number, got {_short(v)}")
+    return float(v)
+
+
+def _in_range(v: Any, low: float, high: float) -> bool:
+    """`low < v <= high` for a finite real number (bools are not numbers here)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and low < v <= high
+
+
+def _token_id(d: dict[str, Any], key: str, default: int | None) -> int | None:
+    v = d.get(key, default)
+    if v is not None:
+        _check_int(v, key, 0)
+    return v
+
+
+def _check_ids(key: str, ids: list[int], vocab_size: int) -> None:
+    if bad := [i for i in ids if i >= vocab_size]:
+        raise ConfigError(f"{key} {bad[0]} is outside the vocabulary (vocab_size {vocab_size})")
+
+
+def _check_limit(key: str, value: int) -> None:
+    if value > LIMITS[key]:
+        raise ConfigError(f"{key} = {value} exceeds the supported maximum {LIMITS[key]}")
+
+
+def _short(v: Any) -> str:
+    return repr(v)[:60]
+
+
 def _check_int(v: Any, name: str, minimum: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {_short(v)}")
 
 
-def _id_list(v: Any) -> list[int]:
+def _id_list(v: Any, key: str = "eos_token_id") -> list[int]:
+    """One token id or a list of them, each an integer >= 0."""
     if v is None:
         return []
-    return [v] if isinstance(v, int) else list(v)
+    ids = list(v) if isinstance(v, (list, tuple)) else [v]
+    for i in ids:
+        _check_int(i, key, 0)
+    return ids

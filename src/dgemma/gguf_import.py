@@ -40,6 +40,8 @@ copied while it is decoded.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -50,7 +52,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from .config import FULL, SLIDING, CheckpointError
+from .config import FULL, LIMITS, SLIDING, CheckpointError, check_file
 from .quantize import Packed, QuantSpec, pack_nibbles
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,9 @@ def gguf_config(path: Path) -> dict:
     meta = _Meta(reader, path)
     shapes = {t.name: _shape(t) for t in reader.tensors}
     n_layers, heads = meta.scalar("block_count"), meta.scalar("attention.head_count")
+    for key, value in (("block_count", n_layers), ("attention.head_count", heads)):
+        if not 0 < value <= LIMITS["num_hidden_layers"]:  # per-layer lists are built from these, and divided by
+            raise CheckpointError(f"{path.name}: GGUF metadata {ARCH}.{key} = {value} is out of range")
     layer_types = _layer_types(meta, shapes, n_layers)
     geometry = [_geometry(meta, shapes, i, t, heads) for i, t in enumerate(layer_types)]
     head_dim_full = next((hd for (hd, _), t in zip(geometry, layer_types) if t == FULL), None)
@@ -263,12 +268,16 @@ DECODERS = {Q.Q8_0: _q8_0, Q.Q5_0: _q5_0, Q.Q4_0: _q4_0, Q.Q6_K: _q6_k, Q.Q4_K: 
 def _open(path: Path) -> gguf.GGUFReader:
     """Memory-map and parse a GGUF file; anything malformed becomes a CheckpointError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"GGUF file {path} does not exist")
+    check_file(path)  # a regular file inside its directory
+    check_header(path)
     try:
         reader = gguf.GGUFReader(path)
     except READER_ERRORS as e:
         raise CheckpointError(f"{path.name}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+    except OSError as e:  # the memory map itself failed
+        raise CheckpointError(f"{path.name}: cannot be mapped: {e.strerror or e}") from None
     arch = _Meta(reader, path).get("general.architecture")
     if arch != ARCH:
         raise CheckpointError(f"{path.name}: GGUF architecture {arch!r} is not DiffusionGemma (expected {ARCH!r})")
@@ -276,6 +285,89 @@ def _open(path: Path) -> gguf.GGUFReader:
     for t in reader.tensors:
         _check_size(t, path, size)
     return reader
+
+
+VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+STRING, ARRAY = 8, 9
+MAX_TENSORS, MAX_KV, MAX_DIMS = 1 << 20, 1 << 16, 8
+MAX_HEADER = 256 << 20  # metadata (a 262k-token vocabulary is ~10 MB) and tensor infos; walked before the reader
+
+
+def check_header(path: Path) -> None:
+    """Walk the GGUF preamble, metadata and tensor infos with every count and length checked against the bytes
+    left, before `gguf.GGUFReader` sees the file (it loops over an array's claimed length, so a count of 2^32
+    would hang it). Nested arrays, unknown value types and versions other than 2 and 3 are refused."""
+    size = path.stat().st_size
+    if size < 24:
+        raise CheckpointError(f"{path.name}: too small to be a GGUF file")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), min(size, MAX_HEADER), access=mmap.ACCESS_READ) as data:
+            _walk_header(_Walk(data, path))
+    except OSError as e:  # the map failed (address space)
+        raise CheckpointError(f"{path.name}: cannot be mapped: {e.strerror or e}") from None
+
+
+def _walk_header(walk: _Walk) -> None:
+    """Preamble, then each metadata key and value, then each tensor info."""
+    path = walk.path
+    magic, version, n_tensors, n_kv = walk.unpack("<4sIQQ")
+    if magic != b"GGUF" or version not in (2, 3) or n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise CheckpointError(
+            f"{path.name}: not a GGUF v2/v3 header (magic {magic!r}, version {version}, {n_tensors} tensors, "
+            f"{n_kv} metadata keys)"
+        )
+    for _ in range(n_kv):
+        walk.string()
+        walk.value(walk.unpack("<I")[0])
+    for _ in range(n_tensors):
+        walk.string()
+        (n_dims,) = walk.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise CheckpointError(f"{path.name}: a tensor claims {n_dims} dimensions")
+        walk.skip(8 * n_dims + 4 + 8)  # dims, ggml type, data offset
+
+
+class _Walk:
+    """A cursor over a GGUF header that refuses to run past the end of the file."""
+
+    def __init__(self, data, path: Path):
+        self.data, self.path, self.at = data, path, 0
+
+    def unpack(self, fmt: str) -> tuple:
+        self.need(struct.calcsize(fmt))
+        out = struct.unpack_from(fmt, self.data, self.at)
+        self.at += struct.calcsize(fmt)
+        return out
+
+    def need(self, n: int) -> None:
+        if n > len(self.data) - self.at:
+            raise CheckpointError(
+                f"{self.path.name}: the GGUF header claims {n} bytes at offset {self.at}, past the end of the file "
+                f"(or of its first {MAX_HEADER >> 20} MiB, the header limit)"
+            )
+
+    def skip(self, n: int) -> None:
+        self.need(n)
+        self.at += n
+
+    def string(self) -> None:
+        self.skip(self.unpack("<Q")[0])
+
+    def value(self, kind: int) -> None:
+        if kind in VALUE_SIZES:
+            return self.skip(VALUE_SIZES[kind])
+        if kind == STRING:
+            return self.string()
+        if kind != ARRAY:
+            raise CheckpointError(f"{self.path.name}: unknown GGUF metadata value type {kind}")
+        item, count = self.unpack("<IQ")
+        if item in VALUE_SIZES:
+            return self.skip(count * VALUE_SIZES[item])
+        if item != STRING:
+            raise CheckpointError(f"{self.path.name}: GGUF metadata array of type {item} is not supported")
+        self.need(8 * count)  # every string needs at least its length field
+        for _ in range(count):
+            self.string()
 
 
 def _check_size(t: gguf.ReaderTensor, path: Path, file_size: int) -> None:
@@ -388,6 +480,8 @@ def _geometry(meta: _Meta, shapes: dict, i: int, layer_type: str, heads: int) ->
     """(head_dim, kv heads) of layer i: metadata where present, else attn_q / attn_k rows."""
     key = "attention.key_length" if layer_type == FULL else "attention.key_length_swa"
     head_dim = meta.scalar(key, lambda: _tensor_shape(shapes, f"blk.{i}.attn_q.weight", meta.path)[0] // heads)
+    if head_dim <= 0:
+        raise CheckpointError(f"{meta.path.name}: layer {i} has head dim {head_dim} ({ARCH}.{key})")
     kv = meta.int("attention.head_count_kv", lambda: None) or None
     if isinstance(kv, list):
         if len(kv) <= i:
@@ -403,7 +497,7 @@ def _rope(meta: _Meta, reader: gguf.GGUFReader, head_dim_full: int | None) -> di
     `rope_freqs.weight` (the converter writes n_rot ones then 1e30 for the unrotated pairs)."""
     factor = 0.25
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is not None and head_dim_full and freqs.tensor_type == Q.F32:
+    if freqs is not None and head_dim_full and head_dim_full >= 2 and freqs.tensor_type == Q.F32:
         factor = float(np.count_nonzero(np.asarray(freqs.data) == 1.0)) / (head_dim_full // 2)
     return {
         SLIDING: {"rope_type": "default", "rope_theta": meta.float("rope.freq_base_swa", 10_000.0)},

@@ -1,8 +1,10 @@
 """Load a DiffusionGemma checkpoint directory into `DiffusionGemma` (spec section b).
 
-Safetensors only: every shard header is validated by hand (size, JSON, dtypes, offsets inside the file, no gaps or
-overlaps) before the file is memory-mapped, and every tensor name/shape/dtype is checked against what `config.json`
-implies. Vision-tower tensors are skipped. Nothing in the directory is ever executed: no pickle, no `auto_map`, no
+Safetensors only: every shard header is validated by hand (size, JSON, dtypes, integer dims and offsets inside the
+file, no gaps, overlaps or duplicate names) before the file is memory-mapped, and every tensor name/shape/dtype is
+checked against what `config.json` implies. Every file is read through `config.check_file` (regular, inside the
+directory, size-capped), config values are bounded before the meta model is built, and every failure is a
+`CheckpointError` or `ConfigError` naming the file (scripts/fuzz_loader.py holds the loader to that). Vision-tower tensors are skipped. Nothing in the directory is ever executed: no pickle, no `auto_map`, no
 `*.py`. All checkpoint-name surgery lives in `checkpoint_name` / `expected_tensors`.
 """
 
@@ -19,10 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from . import gguf_import, prequant
-from .config import CheckpointError, ConfigError, GenerationSettings, ModelConfig, read_json
+from .config import (
+    CheckpointError,
+    ConfigError,
+    GenerationSettings,
+    ModelConfig,
+    check_file,
+    read_json,
+    reject_constant,
+)
 from .model import DEFAULT_EXECUTION, DiffusionGemma, Execution
 from .quantize import Packed, QuantSpec, swap_modules
 
@@ -49,6 +59,8 @@ ITEM_SIZES = {
     "U64": 8,
 }
 MAX_HEADER = 100 * 1024 * 1024
+MAX_INDEX_BYTES = 64 << 20  # an index names every stored tensor: per-expert NVFP4 indexes of big MoEs run to MBs
+HEADER_KEYS = {"dtype", "shape", "data_offsets"}
 SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 ENCODER_SCALAR = "encoder_layer_scalar"
 
@@ -96,14 +108,11 @@ def resolve_model_dir(model: str | os.PathLike, offline: bool = False) -> Path:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors shards of a directory, each checked to lie inside it."""
+    """The safetensors shards of a directory, each checked to be a regular file inside it (`config.check_file`)."""
     index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index} has no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif (model_dir / "model.safetensors").exists():
+    if os.path.lexists(index):
+        files = sorted(set(_weight_map(model_dir).values()))
+    elif os.path.lexists(model_dir / "model.safetensors"):
         files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in model_dir.glob("model-*.safetensors"))
@@ -115,16 +124,28 @@ def weight_files(model_dir: Path) -> list[Path]:
                 "because unpickling can run code. Convert them to safetensors."
             )
         raise CheckpointError(f"{model_dir} has no model.safetensors or model-*.safetensors shards")
-    root = model_dir.resolve()
     paths = []
     for name in files:
-        p = (model_dir / str(name)).resolve()
-        if root not in p.parents:
-            raise CheckpointError(f"shard path {name!r} escapes the model directory")
-        if not p.is_file():
+        p = model_dir / name
+        if not os.path.lexists(p):
             raise CheckpointError(f"shard {name} listed by the index is missing")
-        paths.append(p)
+        check_file(p, root=model_dir)
+        paths.append(p)  # its own name, not the link target's (HF cache blobs are named by hash)
     return paths
+
+
+def _weight_map(model_dir: Path) -> dict[str, str]:
+    """The index's weight_map, checked: tensor name -> a plain file name inside the directory."""
+    index = model_dir / "model.safetensors.index.json"
+    weight_map = read_json(index, MAX_INDEX_BYTES).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a shard file name, got {repr(shard)[:60]}")
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: shard path {shard!r} escapes the model directory")
+    return weight_map
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -138,26 +159,12 @@ def read_header(path: Path) -> dict[str, dict]:
         if n > MAX_HEADER or n + 8 > size:
             raise CheckpointError(f"{path.name}: header length {n} is invalid for a {size}-byte file")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path.name}: header is not valid UTF-8 JSON") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: header is not a JSON object")
-    header.pop("__metadata__", None)
+    header = _parse_header(path, raw)
     spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            count = 1
-            for s in shape:
-                count *= int(s)
-            ok = dtype in ITEM_SIZES and 0 <= start <= end and end - start == count * ITEM_SIZES[dtype]
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
+        if (span := _span(info)) is None:
             raise CheckpointError(f"{path.name}: tensor {name!r} has an invalid dtype/shape/offset entry")
-        spans.append((start, end))
+        spans.append(span)
     spans.sort()
     cursor = 0
     for start, end in spans:
@@ -167,6 +174,54 @@ def read_header(path: Path) -> dict[str, dict]:
     if 8 + n + cursor != size:
         raise CheckpointError(f"{path.name}: expected {8 + n + cursor} bytes, found {size} (truncated or padded file)")
     return header
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, dict]:
+    """The header's JSON object, without `__metadata__` (null, or strings to strings, as the format says);
+    duplicate names are refused (JSON would keep the last silently)."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=reject_constant)
+    except _Duplicate as e:
+        raise CheckpointError(f"{path.name}: header names {e.args[0]!r} twice") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path.name}: header is not valid UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path.name}: header __metadata__ must map strings to strings")
+    return header
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def _span(info) -> tuple[int, int] | None:
+    """(start, end) of a well-formed entry: known dtype, a list of integer dims >= 0, two integer offsets whose
+    distance is exactly the tensor's byte size; None otherwise."""
+    if not isinstance(info, dict) or not HEADER_KEYS <= set(info):  # other keys are ignored, as safetensors does
+        return None
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEM_SIZES or not isinstance(shape, list):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in (*shape, *offsets)):
+        return None
+    start, end = offsets
+    return (start, end) if start <= end and end - start == math.prod(shape) * ITEM_SIZES[dtype] else None
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
 
 
 def quantizable(name: str) -> bool:
@@ -220,7 +275,10 @@ class Entry:
 
 def plan_tensors(model_dir: Path, raw_config: dict, found: dict[str, tuple[str, list, Path]]) -> dict[str, Entry]:
     """checkpoint key -> Entry, for dgemma's float and quantized layouts and the pre-quantized NVFP4/FP8 ones."""
-    method = (raw_config.get("quantization_config") or {}).get("quant_method")
+    qc = raw_config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError("config.json quantization_config must be a JSON object")
+    method = (qc or {}).get("quant_method")
     fmt = None if method == "dgemma" else prequant.detect(model_dir, raw_config)
     if fmt is not None:
         out = {}
@@ -300,17 +358,10 @@ def load_model(
     `check_finite`: warn about NaN/Inf weights (a full pass over the weights; None = only up to 2 GiB).
     `progress(done_bytes, total_bytes)` is called after each tensor (the CLI draws a bar for big checkpoints)."""
     model_dir = resolve_model_dir(model_dir)
-    gguf_file = None if _has_safetensors(model_dir) else gguf_import.gguf_path(model_dir)
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        raw_config = read_json(config_path)
-    elif gguf_file is not None:
-        raw_config = gguf_import.gguf_config(gguf_file)
-    else:
-        raise CheckpointError(f"{model_dir} has no config.json")
+    gguf_file, raw_config = _raw_config(model_dir)
     if raw_config.get("auto_map"):
         log.warning("config.json has auto_map (remote code); it is ignored, dgemma never imports model-dir code")
-    config = ModelConfig.from_dict(raw_config)
+    config = _model_config(model_dir, raw_config, gguf_file)
     with torch.device("meta"), _skip_weight_init():
         model = DiffusionGemma(config, execution)
     expected = expected_tensors(model)
@@ -319,7 +370,7 @@ def load_model(
     else:
         found = safetensors_table(model_dir)
         entries = plan_tensors(model_dir, raw_config, found)
-        declared = DTYPE_NAMES.get(raw_config.get("dtype") or raw_config.get("torch_dtype") or "")
+        declared = _declared_dtype(raw_config)
     check_tensors(expected, entries, declared)
     target = dtype or DTYPES[entries[checkpoint_name("norm.weight")].dtype]
     plan = {expected[k][0]: e.spec for k, e in entries.items() if k in expected}
@@ -342,9 +393,38 @@ def load_model(
     return model.eval().requires_grad_(False)  # inference: no autograd graph is ever built or kept
 
 
+def _declared_dtype(raw_config: dict) -> str | None:
+    """The safetensors dtype config.json declares (`dtype`, or the older `torch_dtype`), or None."""
+    name = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"config.json dtype must be a string like 'bfloat16', got {repr(name)[:60]}")
+    return DTYPE_NAMES.get(name or "")
+
+
+def _raw_config(model_dir: Path) -> tuple[Path | None, dict]:
+    """(the GGUF file, or None for safetensors; the config.json dict, or one rebuilt from GGUF metadata)."""
+    gguf_file = None if _has_safetensors(model_dir) else gguf_import.gguf_path(model_dir)
+    config_path = model_dir / "config.json"
+    if os.path.lexists(config_path):
+        return gguf_file, read_json(config_path)
+    if gguf_file is not None:
+        return gguf_file, gguf_import.gguf_config(gguf_file)
+    raise CheckpointError(f"{model_dir} has no config.json")
+
+
+def _model_config(model_dir: Path, raw_config: dict, gguf_file: Path | None) -> ModelConfig:
+    """`ModelConfig.from_dict`, its errors naming where the values came from."""
+    try:
+        return ModelConfig.from_dict(raw_config)
+    except ConfigError as e:
+        config_json = model_dir / "config.json"
+        source = config_json if gguf_file is None or os.path.lexists(config_json) else f"{gguf_file} metadata"
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def _has_safetensors(model_dir: Path) -> bool:
     names = ("model.safetensors", "model.safetensors.index.json")
-    return any((model_dir / n).exists() for n in names) or any(model_dir.glob("model-*.safetensors"))
+    return any(os.path.lexists(model_dir / n) for n in names) or any(model_dir.glob("model-*.safetensors"))
 
 
 def safetensors_table(model_dir: Path) -> dict[str, tuple[str, list, Path]]:
@@ -401,9 +481,12 @@ def _read_tensors(entries, expected, found, target, device, progress, put_packed
 
         def get(key: str) -> torch.Tensor:
             path = found[key][2]
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            return handles[path].get_tensor(key)
+            try:
+                if path not in handles:
+                    handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                return handles[path].get_tensor(key)
+            except (SafetensorError, OSError) as e:  # a header the library reads differently from read_header
+                raise CheckpointError(f"{path.name}: tensor {key!r} cannot be read: {e}") from None
 
         for keys in by_file.values():
             for key in keys:
@@ -450,15 +533,23 @@ def _skip_weight_init():
 
 
 def load_generation_settings(model_dir: str | os.PathLike) -> GenerationSettings:
-    return GenerationSettings.from_file(Path(model_dir) / "generation_config.json")
+    """The checkpoint's generation_config.json (defaults where it has none), its token ids checked against the
+    vocabulary of config.json (or of the GGUF metadata)."""
+    model_dir = Path(model_dir)
+    settings = GenerationSettings.from_file(model_dir / "generation_config.json")
+    ids = [*settings.eos_token_ids, *([settings.pad_token_id] if settings.pad_token_id is not None else [])]
+    if ids:
+        gguf_file, raw_config = _raw_config(model_dir)
+        vocab = _model_config(model_dir, raw_config, gguf_file).text.vocab_size
+        if bad := [i for i in ids if i >= vocab]:
+            raise ConfigError(f"generation_config.json: token id {bad[0]} is outside the vocabulary ({vocab})")
+    return settings
 
 
 def _check_index(model_dir: Path, found: dict) -> None:
-    index = model_dir / "model.safetensors.index.json"
-    if not index.exists():
+    if not os.path.lexists(model_dir / "model.safetensors.index.json"):
         return
-    weight_map = read_json(index)["weight_map"]
-    for name, shard in weight_map.items():
+    for name, shard in _weight_map(model_dir).items():
         if name not in found:
             raise CheckpointError(f"index lists {name!r} in {shard} but no shard holds it")
         if found[name][2].name != Path(shard).name:

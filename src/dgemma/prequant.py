@@ -80,10 +80,15 @@ def _check_modelopt(q, where: str) -> None:
         raise CheckpointError(f"{where} is missing or not a JSON object")
     if (algo := q.get("quant_algo")) != "NVFP4":
         raise CheckpointError(f"ModelOpt quant_algo {algo!r} ({where}) is not supported; only 'NVFP4' is")
-    groups = [g.get("weights") or {} for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
-    sizes = {q.get("group_size", NVFP4_BLOCK)} | {w.get("group_size", NVFP4_BLOCK) for w in groups}
-    if sizes != {NVFP4_BLOCK}:
-        raise CheckpointError(f"ModelOpt NVFP4 group_size {sorted(sizes, key=str)} ({where}); only 16 is supported")
+    config_groups = q.get("config_groups") or {}
+    if not isinstance(config_groups, dict):
+        raise CheckpointError(f"{where} config_groups must be a JSON object")
+    groups = [g.get("weights") or {} for g in config_groups.values() if isinstance(g, dict)]
+    sizes = [q.get("group_size", NVFP4_BLOCK)] + [
+        w.get("group_size", NVFP4_BLOCK) for w in groups if isinstance(w, dict)
+    ]
+    if any(type(s) is not int or s != NVFP4_BLOCK for s in sizes):
+        raise CheckpointError(f"ModelOpt NVFP4 group_size {sizes} ({where}); only 16 is supported")
 
 
 def _check_compressed_tensors(qc: dict) -> None:

@@ -12,6 +12,7 @@ checkpoint; nothing here touches torch.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import secrets
 import sys
@@ -23,10 +24,13 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import Tokenizer as HFTokenizer
 
-from .config import ConfigError, read_json
+from .config import ConfigError, read_file, read_json
 
 MAX_TEMPLATE_CHARS = 200_000
 RENDER_SECONDS, MAX_RENDER_CHARS = 2.0, 1 << 20  # message contents are placeholders here: real renders are small
+MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json (Gemma's: about 33 MB)
+MAX_TOKENIZER_CONFIG_BYTES = 16 << 20  # tokenizer_config.json may carry thousands of added tokens
+MAX_TEMPLATE_BYTES = 1 << 20  # chat_template.jinja (its text is capped at MAX_TEMPLATE_CHARS after decoding)
 ROLES = ("system", "user", "assistant", "model")
 
 
@@ -53,20 +57,27 @@ class Tokenizer:
                 raise ConfigError(f"chat template is larger than {MAX_TEMPLATE_CHARS} characters")
             env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise
-            self._template = env.from_string(chat_template)
+            try:
+                self._template = env.from_string(chat_template)
+            except TemplateError as e:  # syntax errors surface here, at load, not at the first chat request
+                raise ConfigError(f"chat template does not compile: {e}") from None
+            except (RecursionError, MemoryError, ValueError, OverflowError) as e:
+                raise ConfigError(f"chat template does not compile: {type(e).__name__}") from None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer | None:
         """The directory's tokenizer, or None when it has no tokenizer.json (id-level use only)."""
         model_dir = Path(model_dir)
-        if not (model_dir / "tokenizer.json").is_file():
+        path = model_dir / "tokenizer.json"
+        if not os.path.lexists(path):
             return None
+        data = read_file(path, MAX_TOKENIZER_BYTES)  # regular, inside the directory, capped: or CheckpointError
         try:
-            tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+            tok = HFTokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for bad files
-            raise ConfigError(f"tokenizer.json cannot be read: {e}") from None
+            raise ConfigError(f"{path} cannot be read: {str(e)[:200]}") from None
         cfg_path = model_dir / "tokenizer_config.json"
-        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path, MAX_TOKENIZER_CONFIG_BYTES) if os.path.lexists(cfg_path) else {}
         template = _read_template(model_dir, cfg)
         return cls(tok, template, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
 
@@ -134,6 +145,8 @@ class Tokenizer:
         except TemplateError as e:
             raise ConfigError(f"chat template failed: {str(e)[:200]}") from None
         except Exception as e:  # noqa: BLE001 - the template is the checkpoint's code: any failure is the request's
+            raise ConfigError(f"chat template failed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a template can raise anything (1 / 0, a range over the sandbox's cap)
             raise ConfigError(f"chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
         ids: list[int] = []
         for k, part in enumerate(mask.pattern.split(rendered)):  # text, index, text, index, ..., text
@@ -288,19 +301,29 @@ def check_tools(tools) -> None:
 
 def _read_template(model_dir: Path, cfg: dict) -> str | None:
     jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    if os.path.lexists(jinja):
+        try:
+            return read_file(jinja, MAX_TEMPLATE_BYTES).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{jinja} is not valid UTF-8") from None
     template = cfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict) and _hashable(t)}
         template = named.get("default") or next(iter(named.values()), None)
     return template if isinstance(template, str) else None
+
+
+def _hashable(entry: dict) -> bool:
+    return isinstance(entry.get("name"), (str, type(None)))
 
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):  # AddedToken serialisation
         value = value.get("content")
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    _check_utf8(value, "tokenizer_config.json bos_token/eos_token")
+    return value
 
 
 def _raise(message: str):

@@ -553,7 +553,7 @@ def test_template_raising_at_render_is_refused_at_use(tok_checkpoint, tmp_path):
     ckpt = shutil.copytree(tok_checkpoint, tmp_path / "ckpt")
     (ckpt / "chat_template.jinja").write_text("{{ 1 / 0 }}")  # compiles; was ZeroDivisionError from generate
     pipe = Pipeline.load(ckpt, device="cpu")
-    with pytest.raises(ConfigError, match="chat template failed: ZeroDivisionError"):
+    with pytest.raises(ConfigError, match="chat template failed: (ZeroDivisionError|division by zero)"):
         pipe.generate("hi", chat=True, max_new_tokens=4, steps=2, seed=0)
 
 

@@ -227,7 +227,7 @@ class OffloadedJSONRoute(APIRoute):
             if body and request.headers.get("content-type", "").startswith("application/json"):
                 try:
                     request._json = await run_in_threadpool(json.loads, body)  # Request.json() returns it
-                except ValueError:
+                except (ValueError, RecursionError):  # FastAPI parses it again and answers 400
                     pass
                 else:
                     _refuse_long_id_prompt(request._json, request.app.state.server.context)

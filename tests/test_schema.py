@@ -51,3 +51,20 @@ def test_schema_documents_errors_and_the_served_model(live):
     props = schema["components"]["schemas"]["ChatRequest"]["properties"]
     assert props["model"]["enum"] == ["dgemma-bundled"]
     assert props["max_tokens"]["anyOf"][0]["maximum"] == 32 and props["n"]["maximum"] == 2
+
+
+def test_every_request_body_has_an_example_that_works(live):
+    """The document shows one request per generating or counting operation, and the server answers it (so the docs
+    and a fuzzer's explicit phase start from a request that reaches generation)."""
+    import httpx
+
+    schema = httpx.get(live.url + "/openapi.json").json()
+    tried = []
+    for path, ops in schema["paths"].items():
+        body = ops.get("post", {}).get("requestBody", {}).get("content", {}).get("application/json")
+        if body is None:
+            continue
+        r = httpx.post(live.url + path, json=body["example"], timeout=120)
+        assert r.status_code == 200, (path, r.text)
+        tried.append(path)
+    assert len(tried) == 5, tried

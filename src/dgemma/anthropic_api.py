@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from . import openai_api as oa
-from .asgi import answer
+from .asgi import JSONBody, answer
 from .chat import ToolCall
-from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
+from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text, dumps
 
 PATH = "/v1/messages"
 ERROR_TYPES = {
@@ -259,7 +259,7 @@ async def respond(fe: Frontend, plan: Plan, request: Request) -> Response:
     return await answer(request, stream, collect, lambda: fe.cancel(jobs, inbox))
 
 
-async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict) -> JSONResponse:
+async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict) -> JSONBody:
     done = None
     async for what, _, payload in fe.events(plan, jobs, inbox):
         if what == "error":
@@ -270,7 +270,7 @@ async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict) -> 
     content += [{"type": "text", "text": done["text"]}] if done["text"] else []
     content += [_tool_use(c) for c in done["tool_calls"]]
     body = {**head, "content": content, **_stop(done), "usage": _usage(plan, done)}
-    return JSONResponse({**body, "dgemma": done["dgemma"]})
+    return JSONBody({**body, "dgemma": done["dgemma"]})
 
 
 def _stop(done: dict) -> dict:
@@ -356,5 +356,5 @@ class _Blocks:
 
 
 def _event(kind: str, **fields) -> str:
-    data = json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
+    data = dumps({"type": kind, **fields})
     return f"event: {kind}\ndata: {data}\n\n"

@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from .frontend import APIError
+from .frontend import APIError, dumps
 
 PUBLIC_PATHS = frozenset({"/health", "/"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -30,6 +30,15 @@ DRAIN_FACTOR = 8  # an oversized body is read (and discarded) up to this many ti
 MAX_HEADERS, MAX_HEADER_BYTES = 100, 16 * 1024
 BODY_TIMEOUT = 30.0  # seconds to read a whole body (slowloris bodies)
 CLOSE = [(b"connection", b"close")]
+
+
+class JSONBody(Response):
+    """A JSON response written by `dumps`."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return dumps(content).encode()
 
 
 class EventStream(Response):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import secrets
 import time
@@ -35,6 +36,25 @@ MAX_STOP, MAX_STOP_CHARS = 4, 256
 MAX_SEED = 2**62
 MAX_STEPS, STEPS_PER_TOKEN = 1024, 4  # denoising steps per canvas: more than 4 per token only costs forward passes
 TEXT_WORKERS, TEXT_TIMEOUT_S = 2, 10.0
+
+
+def dumps(obj) -> str:
+    """Compact JSON for a response body or an SSE event. Never NaN or Infinity (invalid JSON that clients refuse): a
+    non-finite number (a statistic of a degenerate distribution) is written as null."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 class APIError(Exception):

@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from .asgi import answer
+from .asgi import JSONBody, answer
 from .chat import NAME, ToolCall
 from .config import ConfigError, GenerationSettings
-from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text
+from .frontend import APIError, Frontend, Inbox, Params, Plan, bad, check_text, dumps
 from .generate import StepEvent
 from .infill import line_span, move_space, parse_range
 
@@ -95,7 +95,7 @@ class CompletionRequest(GenerationFields):
 class ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"required": ["type", "text"]})
     type: str = Field(json_schema_extra={"enum": ["text"]})
-    text: str | None = None
+    text: str
 
 
 class FunctionCall(BaseModel):
@@ -111,8 +111,32 @@ class ToolCallIn(BaseModel):
     function: FunctionCall
 
 
+# What chat_prompt checks, in the schema: a message has content, or is an assistant turn that calls tools; only an
+# assistant turn carries tool_calls.
+MESSAGE_RULES = {
+    "allOf": [
+        {
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {
+                    "required": ["role", "tool_calls"],
+                    "properties": {"role": {"enum": ["assistant"]}, "tool_calls": {"type": "array", "minItems": 1}},
+                },
+            ]
+        },
+        {
+            "anyOf": [
+                {"not": {"required": ["tool_calls"]}},
+                {"properties": {"tool_calls": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}},
+                {"required": ["role"], "properties": {"role": {"enum": ["assistant"]}}},
+            ]
+        },
+    ]
+}
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=MESSAGE_RULES)
     role: str = Field(json_schema_extra={"enum": list(ROLES)})
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -413,7 +437,7 @@ def _edit_fields(edit: tuple, replacement: str) -> dict:
     return {"text": text[:start] + replacement + text[end:], "replacement": replacement, "start": start, "end": end}
 
 
-async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: str, edit) -> JSONResponse:
+async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kind: str, edit) -> JSONBody:
     done: dict[int, dict] = {}
     async for what, i, payload in fe.events(plan, jobs, inbox):
         if what == "error":
@@ -425,7 +449,7 @@ async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kin
     if kind == "edit":
         d = done[0]
         body = {**head, **_edit_fields(edit, d["text"]), "finish_reason": d["finish_reason"], "dgemma": d["dgemma"]}
-        return JSONResponse({**body, "usage": usage})
+        return JSONBody({**body, "usage": usage})
     choices = []
     for i in sorted(done):
         d = done[i]
@@ -433,7 +457,7 @@ async def _collect(fe: Frontend, plan: Plan, jobs, inbox: Inbox, head: dict, kin
         choices.append(
             {"index": i, **out, "logprobs": None, "finish_reason": d["finish_reason"], "dgemma": d["dgemma"]}
         )
-    return JSONResponse({**head, "choices": choices, "usage": usage})
+    return JSONBody({**head, "choices": choices, "usage": usage})
 
 
 def chat_message(d: dict) -> dict:
@@ -514,4 +538,4 @@ def _draft_event(fe: Frontend, head: dict, i: int, d: StepEvent) -> str:
 
 
 def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {dumps(obj)}\n\n"

@@ -264,12 +264,31 @@ def responses(
 GENERATION_REQUESTS = ("CompletionRequest", "ChatRequest", "EditRequest", "MessagesRequest")
 
 
+def examples(model_id: str, max_tokens: int) -> dict[str, dict]:
+    """One working request per body schema, shown in the docs (and tried first by schema-driven fuzzers)."""
+    n = min(16, max_tokens)
+    say = [{"role": "user", "content": "Write one sentence about the sea."}]
+    return {
+        "CompletionRequest": {"model": model_id, "prompt": "Once upon a time", "max_tokens": n},
+        "ChatRequest": {"model": model_id, "messages": say, "max_tokens": n},
+        "EditRequest": {"model": model_id, "text": "The cat sat on the mat.", "start": 4, "end": 7},
+        "MessagesRequest": {"model": model_id, "messages": say, "max_tokens": n},
+        "CountTokensRequest": {"model": model_id, "messages": say},
+    }
+
+
 def document(schema: dict, *, model_id: str, max_tokens: int, max_n: int, max_steps: int, vocab: int) -> dict:
     """`schema` (FastAPI's document) with FastAPI's 422 removed and the served model's values written in: the model
-    id as an enum (so generated requests name it), and the bounds `frontend` enforces."""
+    id as an enum (so generated requests name it), the bounds `frontend` enforces, and an example request body."""
+    shown = examples(model_id, max_tokens)
     for path in schema["paths"].values():
         for op in path.values():
             op["responses"].pop("422", None)
+            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is not None and "$ref" in body["schema"]:
+                example = shown.get(body["schema"]["$ref"].rsplit("/", 1)[-1])
+                if example is not None:
+                    body["example"] = example
             for p in op.get("parameters", []):
                 if p["name"] == "model":
                     p["schema"] = {"type": "string", "enum": [model_id], "title": "Model"}

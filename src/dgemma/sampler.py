@@ -30,6 +30,10 @@ import torch
 from .config import GenerationSettings
 from .model import flush_subnormals_
 
+# The least temperature a step divides by. Below it softmax is already the argmax (a logit gap of 1e-5 gives the
+# runner-up e^-10); nearer 0 the division overflows float32 (1e-38 underflows to 0) and every score is NaN.
+MIN_TEMPERATURE = 1e-6
+
 
 @functools.lru_cache(maxsize=4096)
 def temperature(remaining: int, total: int, t_min: float, t_max: float) -> torch.Tensor:
@@ -290,7 +294,8 @@ class CanvasSampler:
         takes the argmax as the sample, see `adjust`)."""
         s = self.settings
         t = temperature(s.steps - self.steps, s.steps, s.t_min, s.t_max)
-        return t if s.temperature in (0, 1) else t * s.temperature
+        t = t if s.temperature in (0, 1) else t * s.temperature
+        return t if t >= MIN_TEMPERATURE else t.clamp(min=MIN_TEMPERATURE)
 
     @property
     def adjusts_sample(self) -> bool:

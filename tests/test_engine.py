@@ -182,14 +182,19 @@ def test_engine_queue_cancel_and_faults(model):
         engine.submit([running])
         wait_for(lambda: engine.stats()["active"] == 1)
         queued = [job([2, 4], 2, slow), job([2, 5], 3, slow)]
+        engine.submit([j for j, _ in queued])  # one request of two generations takes one of the two places
+        assert engine.stats()["queued"] == 2 and engine.stats()["queued_requests"] == 1
+        other, _ = job([2, 6], 4, slow)
+        engine.submit([other])
         with pytest.raises(QueueFull):
-            engine.submit([j for j, _ in queued] + [job([2], 4)[0]])  # all or nothing
-        engine.submit([j for j, _ in queued])
-        assert engine.stats()["queued"] == 2
+            engine.submit([job([2], 5)[0]])
+        assert engine.stats()["queued_requests"] == 2 and engine.counters["rejected"] == 1
+        engine.cancel(other)
         engine.cancel(queued[0][0])
-        assert engine.stats()["queued"] == 1  # a queued job leaves at once
+        assert engine.stats()["queued"] == 1 and engine.stats()["queued_requests"] == 1  # queued jobs leave at once
         engine.cancel(running)
         wait_for(lambda: engine.stats()["active"] == 1 and engine.stats()["queued"] == 0)  # the next one runs
+        assert engine.stats()["queued_requests"] == 0
         engine.cancel(queued[1][0])
         wait_for(lambda: engine.stats()["active"] == 0)
         bad, bc = job([2, 10**6], 1)  # out-of-vocabulary id: fails in prefill, the worker survives

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import math
 import threading
@@ -73,6 +74,7 @@ class Job:
     deliver: Callable[[object], None]
     cancelled: bool = False
     gen: Generation | None = None
+    group: int = 0  # the submission (one API request: n choices x infill candidates) it came in
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     admitted: float | None = None
     first_token: float | None = None
@@ -106,6 +108,8 @@ class Engine:
         self.model = model
         self._static: StaticCache | None = None  # the batch's KV cache, made at the first admission
         self._queue: collections.deque[Job] = collections.deque()
+        self._waiting: collections.Counter[int] = collections.Counter()  # queued jobs per submission
+        self._groups = itertools.count(1)
         self._active: list[Job] = []
         self._cv = threading.Condition()
         self._stopping = self._draining = False
@@ -144,15 +148,26 @@ class Engine:
             self._pool.shutdown(wait=False)
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue all `jobs` or none of them (QueueFull)."""
+        """Queue all `jobs` (one request's generations) or none of them (QueueFull). `max_queue` counts waiting
+        requests, not generations: an infill's candidates or n choices take one place."""
         with self._cv:
             if self._stopping or self._draining or not self._thread.is_alive():
                 raise EngineClosed("the engine is not running")
-            if len(self._queue) + len(jobs) > self.max_queue:
+            if len(self._waiting) >= self.max_queue:
                 self.counters["rejected"] += len(jobs)
                 raise QueueFull(f"the queue holds {self.max_queue} requests")
+            group = next(self._groups)
+            for job in jobs:
+                job.group = group
+            self._waiting[group] = len(jobs)
             self._queue.extend(jobs)
             self._cv.notify()
+
+    def _dequeued(self, job: Job) -> None:
+        """`job` left the queue (under the lock)."""
+        self._waiting[job.group] -= 1
+        if self._waiting[job.group] <= 0:
+            del self._waiting[job.group]
 
     def cancel(self, job: Job) -> None:
         """Drop a job: at once if still queued, before the next step if active."""
@@ -160,17 +175,19 @@ class Engine:
         with self._cv:
             if job in self._queue:
                 self._queue.remove(job)
+                self._dequeued(job)
                 self.counters["cancelled"] += 1
 
     def stats(self) -> dict:
         with self._cv:
-            active, queued = sum(not j.cancelled for j in self._active), len(self._queue)
+            active, queued, waiting = sum(not j.cancelled for j in self._active), len(self._queue), len(self._waiting)
         busy = self.busy_since is not None
         return {
             "alive": self._thread.is_alive(),
             "draining": self._draining,
             "active": active,
             "queued": queued,
+            "queued_requests": waiting,
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
             "busy_s": round(time.monotonic() - self.busy_since, 3) if busy else 0.0,
@@ -197,6 +214,7 @@ class Engine:
             with self._cv:
                 leftover = list(self._queue) + self._active
                 self._queue.clear()
+                self._waiting.clear()
                 self._active = []
                 self._stopping = self._stopping or not restart
             message = "the engine failed; retry" if crashed else "the server is shutting down"
@@ -244,6 +262,7 @@ class Engine:
             admitted = []
             while self._queue and len(self._active) + len(admitted) < self.max_batch:
                 admitted.append(self._queue.popleft())
+                self._dequeued(admitted[-1])
         for job in admitted:
             self._admit(job)
         if self._active:

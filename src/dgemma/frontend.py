@@ -403,12 +403,6 @@ class Frontend:
     def submit(self, plan: Plan) -> tuple[list[Job], Inbox]:
         inbox = Inbox(asyncio.get_running_loop())
         requests = [r for choice in plan.choices for r in choice]
-        if len(requests) > self.engine.max_queue:  # all-or-nothing submission could never succeed: not a 503
-            raise bad(
-                f"this request needs {len(requests)} generations (n x infill candidates) but the queue holds "
-                f"{self.engine.max_queue}; lower n or give fewer fill lengths",
-                "n",
-            )
         jobs = [Job(r, inbox.deliver_to(j)) for j, r in enumerate(requests)]
         try:
             self.engine.submit(jobs)

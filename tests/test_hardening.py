@@ -499,6 +499,57 @@ def test_engine_that_keeps_crashing_exits_the_process(pipeline):
         proc.kill()
 
 
+HANGING = """
+import time, dgemma.engine
+def _hang(model, gens):
+    time.sleep(3600)
+dgemma.engine.denoise_step = _hang
+"""
+
+
+def test_hung_engine_exits_the_process(pipeline):
+    """A step that never returns (a Python thread cannot be killed or restarted): after --stall-exit seconds its
+    requests fail with a message, and the process exits non-zero at once (no drain grace: nothing can finish) for
+    its supervisor to replace."""
+    proc, url = start(serve_cmd(pipeline.model_dir, "--processes", "1", "--stall-exit", "2", patch=HANGING))
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4}, timeout=30)
+        assert r.status_code >= 500 and "hung" in r.json()["error"]["message"], r.text
+        assert proc.wait(30) not in (0, None) and time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+
+
+def test_watchdog_fires_once_on_a_held_step_not_on_a_long_prefill(pipeline, held_steps):
+    """In-process: a prefill of 4 blocks at 0.3 s each (1.2 s in all) is no stall under stall_exit_s=0.5, since the
+    heartbeat moves per block; the step after it is held, so on_fatal is called once, 0.5 s after the last block."""
+    from dgemma.engine import Engine, Job
+
+    fatal, blocks = [], []
+    engine = Engine(pipeline.model, stall_exit_s=0.5, on_fatal=lambda: fatal.append(time.monotonic()))
+    real = engine.model.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(0.3)
+        blocks.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    engine.model.encode = slow_encode
+    engine.start()
+    try:
+        prompt = [2] + [3] * (4 * pipeline.model.config.canvas_length - 1)
+        engine.submit([Job(pipeline.request(prompt_ids=prompt, max_new_tokens=4), lambda ev: None)])
+        wait_for(lambda: fatal, 10)
+        assert len(blocks) == 4 and fatal[0] - blocks[-1] >= 0.45, (fatal, blocks)
+        assert engine.stats()["stalled_s"] > 0.5 and engine.counters["stalls"] == 1 and not engine.healthy(0.5)
+        time.sleep(1.5)
+        assert len(fatal) == 1
+    finally:
+        held_steps.set()
+        engine.stop()
+
+
 def test_sigterm_drains_streams_then_ends_them_with_an_error_and_done(pipeline):
     """G3: on SIGTERM a short stream finishes normally, a long one ends at the grace period (1 s here) with an error
     event and [DONE] (was: cut without either at uvicorn's timeout), and the process exits 0."""

@@ -92,7 +92,11 @@ class Engine:
         workers: int = 1,
         prefix_cache: PrefixCache | None = None,
         on_fatal: Callable[[], None] = lambda: None,
+        stall_exit_s: float | None = None,
     ):
+        """`on_fatal`: called when the worker cannot go on (it kept crashing, or it hung). `stall_exit_s`: a worker
+        busy this long without finishing a step or a prefill block is hung (a Python thread cannot be killed):
+        `on_fatal` is called once (None: never)."""
         if max_batch < 1 or max_queue < 1 or workers < 1:
             raise ValueError(f"max_batch, max_queue and workers must be >= 1, got {max_batch}, {max_queue}, {workers}")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
@@ -114,6 +118,7 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = self._draining = False
         self.on_fatal, self._crashes = on_fatal, collections.deque(maxlen=MAX_RESTARTS + 1)
+        self.stall_exit_s = stall_exit_s
         self._thread = self._new_thread()
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
@@ -123,7 +128,32 @@ class Engine:
     # --- API for the server (any thread) ----------------------------------------------------------------------
     def start(self) -> Engine:
         self._thread.start()
+        if self.stall_exit_s:
+            threading.Thread(target=self._watch, name="dgemma-watchdog", daemon=True).start()
         return self
+
+    def stalled_s(self) -> float:
+        """Seconds the busy worker has gone without finishing a step or a prefill block (0 when idle)."""
+        return time.monotonic() - self.heartbeat if self.busy_since is not None else 0.0
+
+    def _watch(self) -> None:
+        """The hung-worker watchdog: a worker stuck past `stall_exit_s` gets `on_fatal`, once."""
+        period = min(1.0, self.stall_exit_s / 4)
+        while not self._stopping:
+            time.sleep(period)
+            if self.stalled_s() > self.stall_exit_s and not self._stopping:
+                self.counters["stalls"] += 1
+                log.critical("engine worker stalled for %.0f s (limit %g s)", self.stalled_s(), self.stall_exit_s)
+                with self._cv:  # the hung worker will never fail them itself
+                    leftover = list(self._queue) + self._active
+                    self._queue.clear()
+                    self._waiting.clear()
+                    self._active = []
+                    self._stopping = True
+                for job in leftover:
+                    self._safe_deliver(job, Failed("the engine hung; retry"))
+                self.on_fatal()
+                return
 
     def _new_thread(self) -> threading.Thread:
         return threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
@@ -142,7 +172,7 @@ class Engine:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and not self.counters["stalls"]:  # a hung worker would only use up the timeout
             self._thread.join(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
@@ -191,13 +221,14 @@ class Engine:
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
             "busy_s": round(time.monotonic() - self.busy_since, 3) if busy else 0.0,
+            "stalled_s": round(self.stalled_s(), 3),  # since the last finished step or prefill block
             "prefix_cache": self.prefix_cache.stats(),
             **self.counters,
         }
 
     def healthy(self, stall_s: float = 120.0) -> bool:
         """Worker alive and, when busy, making progress (one loop iteration within `stall_s`)."""
-        stalled = self.busy_since is not None and time.monotonic() - self.heartbeat > stall_s
+        stalled = self.stalled_s() > stall_s
         return self._thread.is_alive() and not self._stopping and not self._draining and not stalled
 
     # --- worker -----------------------------------------------------------------------------------------------
@@ -295,11 +326,14 @@ class Engine:
             self._static = StaticCache(gen.cache, self.max_batch, STATIC_CAPACITY, self.model.config.canvas_length)
         return self._static
 
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
     def _admit(self, job: Job) -> None:
         job.admitted = time.perf_counter()
         try:
             job.gen = Generation(self.model, job.request)
-            job.gen.prefill(self.prefix_cache)
+            job.gen.prefill(self.prefix_cache, self._beat)
             job.gen.cache = self._static_cache(job.gen).admit(job.gen.cache)  # O(its own cache), once
         except Exception as e:  # a bad request must not take the worker down
             log.exception("prefill failed")

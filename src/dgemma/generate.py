@@ -219,10 +219,10 @@ class Generation:
     def canvas_index(self) -> int:
         return len(self.steps_per_canvas)
 
-    def prefill(self, prefix: PrefixCache | None = None) -> None:
+    def prefill(self, prefix: PrefixCache | None = None, progress: Callable[[], None] | None = None) -> None:
         """Encode the prompt into this request's cache. With a prefix cache: reuse its longest stored block-aligned
-        prefix, encode the rest block by block (as a cold prefill does, so the result is the same bits) and store
-        the prompt's last full block boundary."""
+        prefix, encode the rest block by block (as a cold prefill does, so the result is the same bits; `progress`
+        is called after each block) and store the prompt's last full block boundary."""
         t0 = time.perf_counter()
         ids = self.prompt_ids
         if prefix is None:
@@ -237,6 +237,8 @@ class Generation:
                 self.model.encode(torch.tensor([chunk], device=self.device), self.cache)
                 if start + len(chunk) == boundary and boundary > n:
                     prefix.store(tuple(ids[:boundary]), self.cache)
+                if progress is not None:
+                    progress()
         self.prefill_s += time.perf_counter() - t0
         self._new_canvas()
 

@@ -21,6 +21,7 @@ from .cli import (
     EXIT_FAILURE,
     CliError,
     add_model_arguments,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -108,6 +109,14 @@ def add_serve_parser(subparsers) -> None:
         default=30.0,
         metavar="S",
         help="on SIGTERM, seconds running generations may finish before they end with an error event",
+    )
+    srv.add_argument(
+        "--stall-exit",
+        type=non_negative_float,
+        default=600.0,
+        metavar="S",
+        help="a denoising step or prefill block running this long means the engine hung: exit non-zero so a "
+        "supervisor restarts the server (/health turns 503 after 120 s); 0: never",
     )
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_serve)
@@ -221,6 +230,7 @@ def _load_app(args: argparse.Namespace, api_key: str | None, loopback: bool):
             prefix_cache_bytes=args.prefix_cache_mb << 20,
             empty_redraws=args.empty_redraws,
             grace=args.shutdown_grace,
+            stall_exit_s=args.stall_exit or None,
         )
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e), EXIT_CHECKPOINT) from None

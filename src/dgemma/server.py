@@ -72,11 +72,13 @@ def create_app(
     grace: float = GRACE,
     body_timeout: float = BODY_TIMEOUT,
     on_fatal: Callable[[], None] | None = None,
+    stall_exit_s: float | None = None,
 ) -> FastAPI:
     """The FastAPI app. Its engine thread starts and stops with the app's lifespan. `prefix_cache_bytes`: the
     multi-turn prompt cache (0: off); `empty_redraws`: the default of the empty-reply guard (None: the
     checkpoint's settings, off unless set); `grace`: seconds a shutdown lets running generations finish;
-    `on_fatal`: called (on the engine thread) when the engine gave up restarting (default: exit the process)."""
+    `on_fatal`: called when the engine gave up restarting, or hung for `stall_exit_s` (None: no watchdog) in a step
+    or a prefill block (default: exit the process)."""
     if empty_redraws is not None:
         pipeline = dataclasses.replace(pipeline, settings=pipeline.settings.override(empty_redraws=empty_redraws))
     prefix = PrefixCache(prefix_cache_bytes, pipeline.model.config.canvas_length)
@@ -88,6 +90,7 @@ def create_app(
         workers=workers,
         prefix_cache=prefix,
         on_fatal=lambda: fatal(),
+        stall_exit_s=stall_exit_s,
     )
     srv = Frontend(pipeline, engine, model_id or f"dgemma-{pipeline.model_dir.name}", max_n, max_tokens_cap, settle)
 
@@ -96,7 +99,8 @@ def create_app(
         if engine.stats()["draining"]:
             return
         engine.drain()
-        deadline = time.monotonic() + grace
+        fatal = getattr(app.state, "fatal", False)  # a hung or dead engine finishes nothing: no grace
+        deadline = time.monotonic() + (0 if fatal else grace)
         while not engine.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await run_in_threadpool(engine.stop)

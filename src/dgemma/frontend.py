@@ -403,6 +403,12 @@ class Frontend:
     def submit(self, plan: Plan) -> tuple[list[Job], Inbox]:
         inbox = Inbox(asyncio.get_running_loop())
         requests = [r for choice in plan.choices for r in choice]
+        if len(requests) > self.engine.max_queue:  # checklist B5: the fan-out is bounded before any work
+            raise bad(
+                f"this request needs {len(requests)} generations (n x infill candidates), over the "
+                f"{self.engine.max_queue} one request may queue (--max-queue); lower n or give fewer fill lengths",
+                "n",
+            )
         jobs = [Job(r, inbox.deliver_to(j)) for j, r in enumerate(requests)]
         try:
             self.engine.submit(jobs)

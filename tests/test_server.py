@@ -311,7 +311,11 @@ def test_non_stream_disconnect_drops_work(live, monkeypatch):
     wait_for(lambda: live.engine.idle(), timeout=5)
 
 
-def test_queue_full_is_503_with_retry_after(pipeline):
+def test_queue_full_is_503_with_retry_after(pipeline, monkeypatch):
+    import dgemma.engine
+
+    real, go = dgemma.engine.denoise_step, threading.Event()  # steps held: the tiny model cannot finish first
+    monkeypatch.setattr(dgemma.engine, "denoise_step", lambda model, gens: go.wait(30) and real(model, gens))
     app = create_app(pipeline, model_id=MODEL, max_batch=1, max_queue=1)
     with LiveServer(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         body = {"model": MODEL, "stream": True, **LONG}
@@ -324,6 +328,7 @@ def test_queue_full_is_503_with_retry_after(pipeline):
                 assert third.headers["retry-after"] == "1" and err["code"] == "server_overloaded"
                 assert c.get("/health").status_code == 200  # health answers while saturated
                 assert first.status_code == second.status_code == 200
+        go.set()
         wait_for(lambda: s.engine.stats()["active"] == s.engine.stats()["queued"] == 0, timeout=5)
         ok = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
         assert ok.status_code == 200  # the next request succeeds

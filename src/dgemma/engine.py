@@ -112,7 +112,6 @@ class Engine:
         self.model = model
         self._static: StaticCache | None = None  # the batch's KV cache, made at the first admission
         self._queue: collections.deque[Job] = collections.deque()
-        self._waiting: collections.Counter[int] = collections.Counter()  # queued jobs per submission
         self._groups = itertools.count(1)
         self._active: list[Job] = []
         self._cv = threading.Condition()
@@ -144,13 +143,7 @@ class Engine:
             if self.stalled_s() > self.stall_exit_s and not self._stopping:
                 self.counters["stalls"] += 1
                 log.critical("engine worker stalled for %.0f s (limit %g s)", self.stalled_s(), self.stall_exit_s)
-                with self._cv:  # the hung worker will never fail them itself
-                    leftover = list(self._queue) + self._active
-                    self._queue.clear()
-                    self._waiting.clear()
-                    self._active = []
-                    self._stopping = True
-                for job in leftover:
+                for job in self._take_all(stop=True):  # the hung worker will never fail them itself
                     self._safe_deliver(job, Failed("the engine hung; retry"))
                 self.on_fatal()
                 return
@@ -183,21 +176,27 @@ class Engine:
         with self._cv:
             if self._stopping or self._draining or not self._thread.is_alive():
                 raise EngineClosed("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
+            if self._waiting_requests() >= self.max_queue:
                 self.counters["rejected"] += len(jobs)
                 raise QueueFull(f"the queue holds {self.max_queue} requests")
             group = next(self._groups)
             for job in jobs:
                 job.group = group
-            self._waiting[group] = len(jobs)
             self._queue.extend(jobs)
             self._cv.notify()
 
-    def _dequeued(self, job: Job) -> None:
-        """`job` left the queue (under the lock)."""
-        self._waiting[job.group] -= 1
-        if self._waiting[job.group] <= 0:
-            del self._waiting[job.group]
+    def _waiting_requests(self) -> int:
+        """Submissions with a job still queued (under the lock; at most max_queue x max_queue jobs to look at)."""
+        return len({job.group for job in self._queue})
+
+    def _take_all(self, stop: bool) -> list[Job]:
+        """Empty the queue and the batch and return their jobs (to be failed); `stop`: the engine stops for good."""
+        with self._cv:
+            jobs = list(self._queue) + self._active
+            self._queue.clear()
+            self._active = []
+            self._stopping = self._stopping or stop
+        return jobs
 
     def cancel(self, job: Job) -> None:
         """Drop a job: at once if still queued, before the next step if active."""
@@ -205,12 +204,15 @@ class Engine:
         with self._cv:
             if job in self._queue:
                 self._queue.remove(job)
-                self._dequeued(job)
                 self.counters["cancelled"] += 1
 
     def stats(self) -> dict:
         with self._cv:
-            active, queued, waiting = sum(not j.cancelled for j in self._active), len(self._queue), len(self._waiting)
+            active, queued, waiting = (
+                sum(not j.cancelled for j in self._active),
+                len(self._queue),
+                self._waiting_requests(),
+            )
         busy = self.busy_since is not None
         return {
             "alive": self._thread.is_alive(),
@@ -242,12 +244,7 @@ class Engine:
             log.exception("engine worker crashed")
         finally:  # also on BaseException (SystemExit, KeyboardInterrupt): those stop the engine for good
             restart = crashed and self._may_restart()
-            with self._cv:
-                leftover = list(self._queue) + self._active
-                self._queue.clear()
-                self._waiting.clear()
-                self._active = []
-                self._stopping = self._stopping or not restart
+            leftover = self._take_all(stop=not restart)
             message = "the engine failed; retry" if crashed else "the server is shutting down"
             for job in leftover:
                 self._safe_deliver(job, Failed(message))
@@ -293,7 +290,6 @@ class Engine:
             admitted = []
             while self._queue and len(self._active) + len(admitted) < self.max_batch:
                 admitted.append(self._queue.popleft())
-                self._dequeued(admitted[-1])
         for job in admitted:
             self._admit(job)
         if self._active:

@@ -99,8 +99,8 @@ def create_app(
         if engine.stats()["draining"]:
             return
         engine.drain()
-        fatal = getattr(app.state, "fatal", False)  # a hung or dead engine finishes nothing: no grace
-        deadline = time.monotonic() + (0 if fatal else grace)
+        dead = app.state.fatal  # a hung or dead engine finishes nothing: no grace
+        deadline = time.monotonic() + (0 if dead else grace)
         while not engine.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await run_in_threadpool(engine.stop)

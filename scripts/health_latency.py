@@ -3,8 +3,9 @@
 Starts `dgemma serve` in its own process, then --senders processes post near-2 MB bodies back to back for --seconds
 (kinds, round robin: a 1.9 MB single-word completion prompt, the same as a chat message, a prompt of ~900k token
 ids, and a JSON schema with thousands of properties); meanwhile this process probes `/health` every --interval
-seconds on one kept-alive connection. Each big request is refused (context length) or admitted; either way the
-server must tokenize, render or compile it first, which is the work that must stay off the event loop. Reports the
+seconds on one kept-alive connection. Each big request is refused (context length, or too many JSON values to
+parse: the ids and schema kinds) or admitted; either way the server must count, tokenize, render or compile it first,
+which is the work that must stay off the event loop. Reports the
 probe's p50/p99/max and the big requests' status counts: a human table, then one JSON line last. Target p99 <= 50 ms.
 
     python scripts/health_latency.py [--model DIR] [--senders 4] [--seconds 20] [--kinds word,chat,ids,schema]

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import anthropic_api as an
 from . import openai_api as oa
 from . import openapi
-from .asgi import BODY_TIMEOUT, MAX_BODY, Guard
+from .asgi import BODY_TIMEOUT, MAX_BODY, MAX_JSON_VALUES, Guard, json_values
 from .cache import PrefixCache
 from .engine import Engine
 from .frontend import APIError, Frontend
@@ -219,7 +219,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class OffloadedJSONRoute(APIRoute):
     """Parses a JSON body on a worker thread before FastAPI validates it (FastAPI would `json.loads` a 2 MB body on
-    the event loop: 60 ms for 900k token ids), and refuses a token-id prompt longer than the context before the
+    the event loop: 60 ms for 900k token ids), after refusing a body of more JSON values than `json_values_limit`
+    (parsing holds the GIL however it is threaded), and refuses a token-id prompt longer than the context before the
     validation walks every id on the loop (235 ms for 900k ids). Bodies that are not JSON reach FastAPI unchanged,
     so its errors (400 here) stay as they are."""
 
@@ -229,6 +230,15 @@ class OffloadedJSONRoute(APIRoute):
         async def route(request: Request) -> Response:
             body = await request.body()
             if body and request.headers.get("content-type", "").startswith("application/json"):
+                limit = json_values_limit(request.app.state.server.context)
+                values = await run_in_threadpool(json_values, body, limit)
+                if values > limit:
+                    raise APIError(
+                        400,
+                        f"The request body holds {values} JSON values; this server parses at most {limit} per "
+                        "request (send fewer prompts or token ids per request).",
+                        code="request_too_complex",
+                    )
                 try:
                     request._json = await run_in_threadpool(json.loads, body)  # Request.json() returns it
                 except (ValueError, RecursionError):  # FastAPI parses it again and answers 400
@@ -238,6 +248,11 @@ class OffloadedJSONRoute(APIRoute):
             return await handler(request)
 
         return route
+
+
+def json_values_limit(context: int) -> int:
+    """The most JSON values one body may hold: enough for a whole context of token ids and its fields."""
+    return max(MAX_JSON_VALUES, context + 4096)
 
 
 def _refuse_long_id_prompt(body, context: int) -> None:

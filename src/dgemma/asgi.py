@@ -31,20 +31,20 @@ DRAIN_FACTOR = 8  # an oversized body is read (and discarded) up to this many ti
 MAX_HEADERS, MAX_HEADER_BYTES = 100, 16 * 1024
 BODY_TIMEOUT = 30.0  # seconds to read a whole body (slowloris bodies)
 CLOSE = [(b"connection", b"close")]
-MAX_JSON_VALUES = (
-    65_536  # per body (or the context plus 4,096 where that is more): parsing and validating them stays near 10 ms
-)
+# per body (or the context plus 4,096 where that is more): parsing and validating them stays near 10 ms
+MAX_JSON_VALUES = 65_536
 _STRUCTURAL = torch.zeros(256, dtype=torch.bool)
 _STRUCTURAL[list(b",:[{")] = True
 
 
 def json_values(body: bytes, limit: int) -> int:
     """How many JSON values and keys `body` holds (an empty array or object counts twice), counted without parsing
-    it, where that is more than `limit`
-    (below it, a bound that may count separators inside strings). `json.loads` holds the GIL for its whole run, some
-    100 ms for 2 MB of token ids, and every stream and `/health` wait on it: a body over the limit is refused
-    before it is parsed. Every value or key but the first follows a `,`, `:`, `[` or `{` outside a string; `bytes.count`
-    gives the bound in ~1 ms per MB, and the exact count runs as whole-tensor ops, which release the GIL."""
+    it; at or below `limit`, a bound that may also count separators inside strings.
+
+    `json.loads` holds the GIL for its whole run (some 100 ms for 2 MB of token ids), so every stream and `/health`
+    wait on it: a body over the limit is refused before it is parsed. Every value or key but the first follows a
+    `,`, `:`, `[` or `{` outside a string; `bytes.count` gives the bound in ~1 ms per MB, and the exact count runs
+    as whole-tensor ops, which release the GIL."""
     bound = sum(body.count(c) for c in (b",", b":", b"[", b"{")) + 1
     if bound <= limit:
         return bound

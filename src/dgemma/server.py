@@ -231,7 +231,7 @@ class OffloadedJSONRoute(APIRoute):
             body = await request.body()
             if body and request.headers.get("content-type", "").startswith("application/json"):
                 limit = json_values_limit(request.app.state.server.context)
-                values = await run_in_threadpool(json_values, body, limit)
+                values, parsed = await run_in_threadpool(_count_then_parse, body, limit)  # one hop off the loop
                 if values > limit:
                     raise APIError(
                         400,
@@ -239,15 +239,27 @@ class OffloadedJSONRoute(APIRoute):
                         "request (send fewer prompts or token ids per request).",
                         code="request_too_complex",
                     )
-                try:
-                    request._json = await run_in_threadpool(json.loads, body)  # Request.json() returns it
-                except (ValueError, RecursionError):  # FastAPI parses it again and answers 400
-                    pass
-                else:
-                    _refuse_long_id_prompt(request._json, request.app.state.server.context)
+                if parsed is not _INVALID:  # else FastAPI parses it again and answers 400
+                    request._json = parsed  # Request.json() returns it
+                    _refuse_long_id_prompt(parsed, request.app.state.server.context)
             return await handler(request)
 
         return route
+
+
+_INVALID = object()
+
+
+def _count_then_parse(body: bytes, limit: int) -> tuple[int, object]:
+    """(JSON values, the parsed body); the body is parsed only within the limit, and is `_INVALID` when it is not
+    JSON or over the limit."""
+    values = json_values(body, limit)
+    if values > limit:
+        return values, _INVALID
+    try:
+        return values, json.loads(body)
+    except (ValueError, RecursionError):
+        return values, _INVALID
 
 
 def json_values_limit(context: int) -> int:
